@@ -1,0 +1,46 @@
+# stockdistill: the two quick-start commands are `make run` and `make test`.
+# Both create (or reuse) the venv in $(VENV), install torch==2.13.0 FIRST (an unpinned torch would pull a
+# multi-GB CUDA build; on a GPU box the same pin gets the regular wheel), then this package with its dev extras.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN    ?= quickstart
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run test install export lint nbtest pytest clean-run bench
+
+install: $(STAMP)
+
+$(STAMP): setup.py settings.ini
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	@# a CJK font so matplotlib draws Chinese (best effort: needs root and Debian's registry)
+	@if ! fc-list 2>/dev/null | grep -qi wqy && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q fonts-wqy-microhei >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+	   apt-get install -y -q fonts-wqy-microhei >/dev/null 2>&1)) || echo "note: fonts-wqy-microhei not installed; Chinese in plots may show as boxes"; fi
+	@touch $@
+
+# The main job: the whole distillation on the embedded defaults (bundled bars, rule teacher, tiny student).
+run: $(STAMP)
+	$(BIN)/stockdistill distill --run-name $(RUN) --overwrite
+
+# The tests, in order: library in sync with the notebooks, lint, notebook tests, pytest.
+test: $(STAMP)
+	@git diff --quiet -- stockdistill nbs || { echo "note: uncommitted changes in stockdistill/ or nbs/ (checked against the working tree)"; }
+	@before=$$(git status --porcelain -- stockdistill nbs | sort; git diff -- stockdistill nbs | sha1sum); \
+	  $(BIN)/nbdev_export && $(BIN)/nbdev_clean && \
+	  after=$$(git status --porcelain -- stockdistill nbs | sort; git diff -- stockdistill nbs | sha1sum); \
+	  if [ "$$before" != "$$after" ]; then echo "FAIL: nbdev_export/nbdev_clean changed files: the library is out of sync with the notebooks"; \
+	    git status --short -- stockdistill nbs; exit 1; fi; echo "ok: notebooks and library in sync"
+	$(BIN)/ruff check stockdistill tests bench
+	cd nbs && ../$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/pytest tests -q
+
+bench: $(STAMP)
+	bash bench/pipeline.sh

@@ -1,0 +1,150 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1 for tests and benchmarks.
+
+Behaviour is chosen per request by a marker in the last user message, `[mode:NAME]`; without a marker the server
+answers plain JSON. Modes:
+
+- `json`       plain JSON label
+- `reasoning`  JSON content plus `reasoning_content` (DeepSeek-R1 style)
+- `think`      `<think>...</think>` before the JSON (R1 served by vLLM/Ollama)
+- `fenced`     a ```json fenced block with prose around it
+- `prose`      the JSON object embedded in a sentence
+- `garbage`    text with no JSON object at all
+- `429`        the first call for a prompt gets HTTP 429 with `Retry-After`, later calls succeed
+- `500`        always HTTP 500
+- `400`        always HTTP 400 (a client error, never worth retrying)
+- `hang`       sleeps `hang_s` seconds before answering (to trip the client's timeout)
+
+Every request is recorded in `server.calls` (prompt, mode, status) so a test can count what was asked.
+"""
+from __future__ import annotations
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODE_RE = re.compile(r'\[mode:([a-z0-9]+)\]')
+
+
+def label_for(prompt: str) -> dict:
+    "A deterministic label that names the prompt, so a test can check the answer belongs to its question."
+    tag = prompt.strip().splitlines()[0][:40] if prompt.strip() else ''
+    return {"prediction": "震荡上行", "analysis": f"回答: {tag}", "advice": "持有观望"}
+
+
+class ChatServer(ThreadingHTTPServer):
+    "Threaded chat-completions server; `delay` seconds per answer, `retry_after` seconds sent with 429s."
+    daemon_threads = True
+
+    def __init__(self, port: int = 0, delay: float = 0.0, retry_after: float = 1, hang_s: float = 5.0):
+        super().__init__(('127.0.0.1', port), _Handler)
+        self.delay, self.retry_after, self.hang_s = delay, retry_after, hang_s
+        self.calls: list[dict] = []
+        self.lock = threading.Lock()
+        self.inflight = self.max_inflight = 0   # requests being answered now / at most at once
+        self._seen429: set[str] = set()
+        self._thread = None
+
+    @property
+    def base_url(self) -> str: return f'http://127.0.0.1:{self.server_address[1]}/v1'
+
+    def start(self) -> 'ChatServer':
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self.shutdown(); self.server_close()
+
+    def calls_for(self, needle: str) -> int:
+        "How many requests had `needle` in their prompt."
+        with self.lock: return sum(needle in c['prompt'] for c in self.calls)
+
+    def __enter__(self): return self.start()
+    def __exit__(self, *exc): self.stop()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, *args): pass
+
+    def _send(self, status: int, body: dict, headers: dict | None = None):
+        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        for k, v in (headers or {}).items(): self.send_header(k, v)
+        self.end_headers()
+        try: self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError): pass  # the client gave up (timeout test)
+
+    def do_GET(self):
+        srv: ChatServer = self.server
+        if self.path.rstrip('/').endswith('/stats'):
+            with srv.lock: return self._send(200, {'calls': list(srv.calls)})
+        self._send(404, {'error': {'message': 'not found'}})
+
+    def do_POST(self):
+        srv: ChatServer = self.server
+        if not self.path.rstrip('/').endswith('/chat/completions'):
+            return self._send(404, {'error': {'message': f'no route {self.path}'}})
+        req = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))) or b'{}')
+        prompt = next((m['content'] for m in reversed(req.get('messages', [])) if m.get('role') == 'user'), '')
+        mode = (m.group(1) if (m := MODE_RE.search(prompt)) else 'json')
+        status = 200
+        if mode == '429':
+            with srv.lock:
+                first = prompt not in srv._seen429
+                srv._seen429.add(prompt)
+            if first: status = 429
+        elif mode == '500': status = 500
+        elif mode == '400': status = 400
+        with srv.lock:
+            srv.calls.append({'prompt': prompt, 'mode': mode, 'status': status, 't': time.time(),
+                              'auth': self.headers.get('Authorization'), 'model': req.get('model')})
+        if status == 429:
+            return self._send(429, {'error': {'message': 'rate limited', 'type': 'rate_limit'}},
+                              {'Retry-After': f'{srv.retry_after:g}'})
+        if status >= 400:
+            return self._send(status, {'error': {'message': f'scripted {status}', 'type': 'server_error'}})
+        with srv.lock: srv.inflight += 1; srv.max_inflight = max(srv.max_inflight, srv.inflight)
+        try:
+            if mode == 'hang': time.sleep(srv.hang_s)
+            if srv.delay: time.sleep(srv.delay)
+        finally:
+            with srv.lock: srv.inflight -= 1
+        self._send(200, _completion(req.get('model', 'test-model'), prompt, mode))
+
+
+def _completion(model: str, prompt: str, mode: str) -> dict:
+    label = json.dumps(label_for(prompt), ensure_ascii=False)
+    reasoning = None
+    content = {
+        'json': label,
+        'reasoning': label,
+        'hang': label,
+        '429': label,
+        'think': f'<think>先看均线，再看成交量。</think>\n{label}',
+        'fenced': f'好的，以下是分析：\n```json\n{label}\n```\n仅供参考。',
+        'prose': f'根据K线数据，我的回答是 {label} ，请注意风险。',
+        'garbage': '抱歉，我无法给出结构化的回答。',
+    }.get(mode, label)
+    if mode == 'reasoning': reasoning = '近30日先跌后涨，MACD金叉，判断震荡上行。'
+    message = {'role': 'assistant', 'content': content}
+    if reasoning: message['reasoning_content'] = reasoning
+    n_in, n_out = len(prompt), len(content) + len(reasoning or '')
+    return {'id': f'chatcmpl-{abs(hash(prompt)) % 10**9}', 'object': 'chat.completion', 'created': int(time.time()),
+            'model': model, 'choices': [{'index': 0, 'message': message, 'finish_reason': 'stop'}],
+            'usage': {'prompt_tokens': n_in, 'completion_tokens': n_out, 'total_tokens': n_in + n_out}}
+
+
+if __name__ == '__main__':
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--port', type=int, default=8765)
+    p.add_argument('--delay', type=float, default=0.0)
+    a = p.parse_args()
+    srv = ChatServer(a.port, delay=a.delay)
+    print(srv.base_url, flush=True)
+    srv.serve_forever()

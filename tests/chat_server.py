@@ -35,6 +35,7 @@ def label_for(prompt: str) -> dict:
 class ChatServer(ThreadingHTTPServer):
     "Threaded chat-completions server; `delay` seconds per answer, `retry_after` seconds sent with 429s."
     daemon_threads = True
+    request_queue_size = 256      # socketserver's default of 5 drops bursts of concurrent connects
 
     def __init__(self, port: int = 0, delay: float = 0.0, retry_after: float = 1, hang_s: float = 5.0):
         super().__init__(('127.0.0.1', port), _Handler)
@@ -66,6 +67,7 @@ class ChatServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms delayed-ACK stall
 
     def log_message(self, *args): pass
 

@@ -17,6 +17,7 @@ from chat_server import ChatServer, label_for  # noqa: E402
 from stockdistill.teacher import (DIRECTION_WORDS, ANSWER_KEYS, OpenAITeacher, RuleTeacher, Teacher,  # noqa: E402
                                   extract_json, get_teacher, label_samples, prompt_id, read_labels)
 
+from stockdistill.evaluate import direction_of  # noqa: E402
 REPO = Path(__file__).parent.parent
 
 
@@ -168,7 +169,7 @@ def test_killed_run_resumes_without_paying_twice(tmp_path):
 @pytest.fixture(scope='module')
 def dataset():
     from stockdistill.dataset import build_dataset
-    ds = build_dataset(codes=['600519', '000001', '300750', '601318'], windows=6, window=30, val_ratio=0.25, seed=1)
+    ds = build_dataset(codes=['600031', '000333', '300014', '601888'], windows=6, window=30, val_ratio=0.25, seed=1)
     return ds['train'] + ds['val']
 
 
@@ -188,6 +189,7 @@ def test_rule_teacher_contract(dataset):
         assert json.loads(json.dumps(r['label'], ensure_ascii=False)) == r['label']
         assert set(r['label']) == set(ANSWER_KEYS) and all(isinstance(v, str) and v.strip() for v in r['label'].values())
         assert _families(r['label']['prediction']) == {rule.direction(p)}, r['label']['prediction']
+        assert direction_of(r['label']['prediction']) == rule.direction(p), 'the evaluation must read the same direction'
         assert len(r['label']['prediction']) <= 20 and len(r['label']['analysis']) <= 140 and len(r['label']['advice']) <= 40
     dirs = {rule.direction(p) for p in prompts}
     assert dirs == {'up', 'down', 'flat'}, f'a varied dataset should get all three directions, got {dirs}'
@@ -228,6 +230,7 @@ def test_rule_teacher_answers_any_window(returns, seed):
     r = RuleTeacher()(prompt)
     assert r['error'] is None
     assert _families(r['label']['prediction']) == {RuleTeacher().direction(prompt)}
+    assert direction_of(r['label']['prediction']) == RuleTeacher().direction(prompt)
 
 
 # ---- a local transformers teacher ------------------------------------------------------------------------------

@@ -76,9 +76,12 @@ def make_prompt(code:str,                    # six-digit stock code
                 indicators:bool=False) -> str: # add MA5/MA10/MACD/RSI14 fields to each day
     "The seed's prompt for one window of bars."
     if len(window_bars) == 0: raise ValueError(f"no bars to put in a prompt for {code}")
-    days = ', '.join(json.dumps(d, ensure_ascii=False) for d in day_objects(window_bars, indicators))
-    if change_pct is None: change_pct = window_change(window_bars)
-    return f"股票 {code} 近{len(window_bars)}日K线数据: [ {days} ]\n涨跌幅: {format_change(change_pct)}。{INSTRUCTION}"
+    days = [json.dumps(d, ensure_ascii=False) for d in day_objects(window_bars, indicators)]
+    return _assemble(code, days, window_change(window_bars) if change_pct is None else change_pct)
+
+def _assemble(code:str, days:list, change_pct:float) -> str:
+    "The prompt text from the JSON strings of its days."
+    return f"股票 {code} 近{len(days)}日K线数据: [ {', '.join(days)} ]\n涨跌幅: {format_change(change_pct)}。{INSTRUCTION}"
 
 # %% ../nbs/02_dataset.ipynb #0c8f1895
 _PROMPT_RE = re.compile(r"股票 (?P<code>\S+) 近(?P<n>\d+)日K线数据: (?P<days>\[[^\n]*\])\n涨跌幅: (?P<change>[+-]?\d+(?:\.\d+)?)%。")
@@ -214,20 +217,35 @@ def fit_prompt(code:str,                   # stock code
                indicators:bool=False) -> tuple: # add indicator fields
     "`(prompt, n_days)`: the prompt of the longest tail of the window that fits in `max_tokens`."
     n = len(window_bars)
-    make = lambda k: make_prompt(code, window_bars.iloc[n - k:], indicators=indicators)
-    fits = lambda p: max_tokens is None or count_tokens(p, tokenizer) <= max_tokens
-    if fits(p := make(n)): return p, n
-    if not fits(p := make(1)):
+    days = [json.dumps(d, ensure_ascii=False) for d in day_objects(window_bars, indicators)]  # rendered once
+    close = window_bars['close'].astype('float64').to_numpy()
+    make = lambda k: _assemble(code, days[n - k:], (close[-1]/close[n - k] - 1)*100)
+    if max_tokens is None: return make(n), n
+    full = count_tokens(p := make(n), tokenizer)
+    if full <= max_tokens: return p, n
+    fits = lambda k: count_tokens(make(k), tokenizer) <= max_tokens
+    lo, hi = 0, n  # lo: most days known to fit (0: none yet), hi: fewest days known not to fit
+    g, step = max(1, min(n - 1, n*max_tokens//full)), 1  # guess from the share of the budget, then gallop
+    if fits(g):
+        lo = g
+        while lo + step < hi:
+            if not fits(lo + step): hi = lo + step; break
+            lo, step = lo + step, step*2
+    else:
+        hi = g
+        while hi - step > 0:
+            if fits(hi - step): lo = hi - step; break
+            hi, step = hi - step, step*2
+    while hi - lo > 1:
+        mid = (lo + hi)//2
+        if fits(mid): lo = mid
+        else: hi = mid
+    if lo == 0:
         d = window_bars['date']
         unit = 'characters' if tokenizer is None else 'tokens'
         raise ValueError(f"max_tokens={max_tokens} is too small: the prompt for {code} (window "
-                         f"{d.iloc[0]:%Y-%m-%d}..{d.iloc[-1]:%Y-%m-%d}) takes {count_tokens(p, tokenizer)} {unit} "
+                         f"{d.iloc[0]:%Y-%m-%d}..{d.iloc[-1]:%Y-%m-%d}) takes {count_tokens(make(1), tokenizer)} {unit} "
                          "with only its last day")
-    lo, hi = 1, n  # make(lo) fits, make(hi) does not
-    while hi - lo > 1:
-        mid = (lo + hi)//2
-        if fits(make(mid)): lo = mid
-        else: hi = mid
     return make(lo), lo
 
 # %% ../nbs/02_dataset.ipynb #9b03626a
@@ -346,7 +364,7 @@ def build_dataset(codes=None,               # stock codes; None means every bund
     if bars is None: bars = load_bars(codes, source=source, start=start, end=end)
     else: bars = {c: bars[c].sort_values('date').reset_index(drop=True) for c in codes}
     calendar = pd.DatetimeIndex(np.unique(np.concatenate([b['date'].values for b in bars.values()])))
-    names = stock_names() if any(c in bundled_codes() for c in codes) else {}
+    names = stock_names() if set(codes) & set(bundled_codes()) else {}
     if max_tokens is not None and tokenizer is None and verbose:
         print(f"max_tokens={max_tokens}: no tokenizer given, so prompt length is counted in characters")
     out = {s: [] for s in SPLITS}

@@ -409,7 +409,7 @@ def get_teacher(spec:str='rule', # 'rule', a preset (deepseek-r1, deepseek, qwen
     if spec in PRESETS or re.match(r'https?://', spec): return OpenAITeacher(spec, **kw)
     raise ValueError(f"unknown teacher {spec!r}: use 'rule', one of {', '.join(PRESETS)}, an http(s):// base URL or 'hf:<model>'")
 
-# %% ../nbs/03_teacher.ipynb #606c38ed
+# %% ../nbs/03_teacher.ipynb #4244f380
 PASSTHROUGH = ('code', 'name', 'end', 'outcome')
 
 def prompt_id(prompt:str) -> str:
@@ -431,7 +431,7 @@ def read_labels(path) -> list[dict]:
     p = Path(path)
     if not p.exists(): return []
     out = []
-    for line in p.read_text(encoding='utf-8').splitlines():
+    for line in p.read_text(encoding='utf-8').split('\n'):   # not splitlines(): text may hold U+2028, U+0085
         try: rec = json.loads(line)
         except json.JSONDecodeError: continue
         if isinstance(rec, dict) and 'id' in rec: out.append(rec)

@@ -48,7 +48,7 @@ def test_each_kind_of_bad_line_is_counted_under_its_reason(tmp_path, capsys):
     dst = tmp_path/'cleaned_labeled_data.jsonl'
     text = dst.read_text(encoding='utf-8')
     assert '震荡上行' in text, 'labels are written with ensure_ascii=False'
-    out = [json.loads(line) for line in text.splitlines()]
+    out = [json.loads(line) for line in text.split('\n') if line]
     assert len(out) == 2
     assert set(out[0]) == set(GOOD), 'every key of the input record is kept'
     assert out[0]['prompt'] == GOOD['prompt'].strip()
@@ -75,7 +75,7 @@ def test_counts_add_up_to_the_lines(tmp_path_factory, lines):
     src.write_text(''.join(line.replace('\n', ' ') + '\n' for line in lines), encoding='utf-8')
     counts = clean_jsonl(src, d/'c.jsonl', check=False, verbose=False)
     assert sum(counts.values()) == len(lines)
-    kept = (d/'c.jsonl').read_text(encoding='utf-8').splitlines()
+    kept = [line for line in (d/'c.jsonl').read_text(encoding='utf-8').split('\n') if line]  # JSONL splits on \n only
     assert len(kept) == counts['kept']
     for line in kept:
         rec = json.loads(line)
@@ -127,7 +127,7 @@ def test_labels_from_label_samples_clean_as_expected(tmp_path):
     label_samples(recs, Mixed(), tmp_path/'labeled_data.jsonl', progress=False)
     counts = clean_jsonl(tmp_path/'labeled_data.jsonl', verbose=False)
     assert counts == dict.fromkeys(REASONS, 0) | {'kept': 3, 'raw_label': 3, 'teacher_error': 4}
-    out = [json.loads(line) for line in (tmp_path/'cleaned_labeled_data.jsonl').read_text(encoding='utf-8').splitlines()]
+    out = [json.loads(line) for line in (tmp_path/'cleaned_labeled_data.jsonl').read_text(encoding='utf-8').split('\n') if line]
     assert [o['id'] for o in out] == ['r0', 'r4', 'r8']
     assert all(o['code'] == '600031' and o['outcome'] == {'direction': 'flat'} and o['teacher'] == 'mixed' for o in out)
     assert json.loads(out[1]['label'])['analysis'] == 'prompt 4'

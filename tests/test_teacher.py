@@ -270,3 +270,18 @@ def test_shards_split_the_records_between_files(tmp_path):
     assert ids == [['s0', 's3', 's6'], ['s1', 's4'], ['s2', 's5']]
     assert [x['id'] for x in read_labels(tmp_path/'part1.jsonl')] == ['s1', 's4']
     with pytest.raises(ValueError, match='rank'): label_samples(recs, Upper(), tmp_path/'x.jsonl', shard=(3, 3))
+
+
+def test_unicode_line_separators_in_answers_survive_a_rerun(tmp_path):
+    class Odd(Teacher):
+        name = 'odd'
+        calls = 0
+        def stream(self, prompts):
+            for i, p in enumerate(prompts):
+                self.calls += 1
+                yield i, {'label': {'prediction': '震荡\u2028横盘', 'analysis': 'a\x85b\u2029c', 'advice': '观望'},
+                          'reasoning': None, 'usage': None, 'error': None}
+    t, path = Odd(), tmp_path/'l.jsonl'
+    first = label_samples(['p1', 'p2'], t, path, progress=False)
+    again = label_samples(['p1', 'p2'], t, path, progress=False)
+    assert t.calls == 2 and again == first and first[0]['label']['analysis'] == 'a\x85b\u2029c'

@@ -400,12 +400,18 @@ def _generate(self:HFTeacher, prompts:list[str]) -> list[dict]:
         results.append(parse_answer(tok.decode(ids, skip_special_tokens=True), usage=usage))
     return results
 
-# %% ../nbs/03_teacher.ipynb #67f1a8f5
+# %% ../nbs/03_teacher.ipynb #935562a0
+_API_ONLY = ('model', 'concurrency', 'timeout', 'max_retries', 'backoff', 'max_backoff', 'system')
+
 def get_teacher(spec:str='rule', # 'rule', a preset (deepseek-r1, deepseek, qwen-max, gemini), an http(s) URL, 'hf:<model>'
-                **kw):            # passed to the teacher (model=, concurrency=, timeout= …)
-    "The teacher named by `spec`."
-    if spec == 'rule': return RuleTeacher()
-    if spec.startswith('hf:'): return HFTeacher(spec[3:], **kw)
+                **kw):            # passed to the teacher (model=, concurrency=, timeout= …); None values are dropped
+    "The teacher named by `spec`; API-only settings (model, concurrency …) are ignored by local teachers."
+    kw = {k: v for k, v in kw.items() if v is not None}
+    local = {k: v for k, v in kw.items() if k not in _API_ONLY}
+    if spec == 'rule':
+        if local: raise TypeError(f"RuleTeacher takes no settings, got {', '.join(local)}")
+        return RuleTeacher()
+    if spec.startswith('hf:'): return HFTeacher(spec[3:], **local)
     if spec in PRESETS or re.match(r'https?://', spec): return OpenAITeacher(spec, **kw)
     raise ValueError(f"unknown teacher {spec!r}: use 'rule', one of {', '.join(PRESETS)}, an http(s):// base URL or 'hf:<model>'")
 

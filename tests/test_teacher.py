@@ -124,6 +124,8 @@ def test_get_teacher_specs():
     assert get_teacher('http://127.0.0.1:9/v1', model='m', concurrency=2).concurrency == 2
     with pytest.raises(ValueError, match='model'): get_teacher('http://127.0.0.1:9/v1')
     with pytest.raises(ValueError, match="unknown teacher 'gpt-x'"): get_teacher('gpt-x')
+    assert isinstance(get_teacher('rule', model=None, concurrency=8, timeout=30), RuleTeacher)
+    with pytest.raises(TypeError, match='batch_size'): get_teacher('rule', batch_size=4)
 
 
 # ---- kill a labeling run midway, run it again ------------------------------------------------------------------
@@ -247,6 +249,8 @@ def test_hf_teacher_batches_with_left_padding_like_one_by_one(tmp_path):
     assert all(r['label'] is not None and 0 < r['usage']['completion_tokens'] <= 8 for r in batched)
     out = label_samples(prompts, HFTeacher(model, tok, batch_size=2, max_new_tokens=8), tmp_path/'l.jsonl', progress=False)
     assert [r['label'] for r in out] == [r['label'] for r in batched]
+    from_disk = get_teacher(f'hf:{tmp_path/"tiny"}', model=None, concurrency=8, batch_size=4, max_new_tokens=8)
+    assert from_disk.name == f'hf:{tmp_path/"tiny"}' and from_disk.answer(prompts) == batched
 
 
 def test_a_teacher_is_anything_with_a_name_and_stream(tmp_path):

@@ -1,0 +1,159 @@
+"""Tests of stockdistill.inference: echo stripping, batched generation (order, EOS, merge), `ask` and its CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stockdistill.inference import strip_echo, extract_codes, generate_answers, recent_bars, ask, load_model
+from stockdistill.train import ANSWER_MARK, format_example
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------- echo stripping and codes ----------
+
+@pytest.mark.parametrize('text,want', [
+    (format_example('股票 600031 近5日K线数据: [...]', '{"prediction": "上涨"}'), '{"prediction": "上涨"}'),
+    (f'prompt\n\n{ANSWER_MARK}\n  answer  \n', 'answer'),
+    (f'p{ANSWER_MARK}a{ANSWER_MARK}b', f'a{ANSWER_MARK}b'),     # only the echo is cut, the answer keeps its text
+    ('  no marker here ', 'no marker here'),
+    (f'p{ANSWER_MARK}', ''),
+    ('', ''),
+])
+def test_strip_echo(text, want):
+    assert strip_echo(text) == want
+
+
+def test_extract_codes():
+    assert extract_codes('请问股票600000未来走势如何？') == ['600000']
+    assert extract_codes('600031和000002哪个好？600031呢') == ['600031', '000002']
+    assert extract_codes('1234567 和 600031') == ['600031']
+    with pytest.raises(ValueError, match='no six-digit stock code'): extract_codes('请问茅台未来走势如何？')
+
+
+def test_recent_bars_clear_error_for_a_code_not_bundled():
+    with pytest.raises(ValueError, match='not in the bundled data.*--source eastmoney'): recent_bars('600000')
+    bars = recent_bars('600031', days=7)
+    assert len(bars) == 7 and bars['date'].is_monotonic_increasing
+
+
+# ---------- generation ----------
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    "A tiny random student on real prompts of different lengths, saved to a folder."
+    from stockdistill.train import build_tiny_student
+    from stockdistill.data import load_bars
+    from stockdistill.dataset import make_prompt
+    prompts = [make_prompt(c, load_bars(c).iloc[-n:]) for c, n in
+               [('600031', 9), ('000002', 3), ('601138', 14), ('000333', 5), ('000651', 2), ('600031', 6)]]
+    d = tmp_path_factory.mktemp('tiny')/'student'
+    model, tok = build_tiny_student(prompts, d, vocab_size=512)
+    return model, tok, prompts, d
+
+
+def test_batched_answers_keep_order_and_match_one_by_one(tiny):
+    model, tok, prompts, _ = tiny
+    stats = {}
+    batched = generate_answers(model, tok, prompts, batch_size=4, max_new_tokens=10, stats=stats)
+    single = [generate_answers(model, tok, [p], batch_size=1, max_new_tokens=10)[0] for p in prompts]
+    assert batched == single
+    assert generate_answers(model, tok, prompts[::-1], batch_size=3, max_new_tokens=10) == batched[::-1]
+    assert len(set(batched)) > 1                        # different prompts, different answers: order matters
+    assert stats['prompts'] == 6 and 0 < stats['new_tokens'] <= 60 and stats['seconds'] > 0
+    assert tok.padding_side == 'right'                  # restored after left padding
+
+
+def test_answers_are_the_seed_way_with_the_echo_cut(tiny):
+    "Batched answers equal the seed's: generate on one prompt, decode everything, strip the echo."
+    model, tok, prompts, _ = tiny
+    with torch.inference_mode():
+        enc = tok(format_example(prompts[2]), return_tensors='pt')
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    seed_way = strip_echo(tok.decode(out[0], skip_special_tokens=True))
+    assert generate_answers(model, tok, prompts, batch_size=6, max_new_tokens=10)[2] == seed_way
+
+
+def test_eos_stops_only_its_row(tiny):
+    model, tok, prompts, _ = tiny
+    full = generate_answers(model, tok, prompts, batch_size=3, max_new_tokens=10)
+    with torch.inference_mode():
+        first = model.generate(**tok(format_example(prompts[0]), return_tensors='pt'), max_new_tokens=1,
+                               do_sample=False, pad_token_id=tok.pad_token_id)[0, -1].item()
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, first]   # declare that token an end of answer
+    try: stopped = generate_answers(model, tok, prompts, batch_size=3, max_new_tokens=10)
+    finally: model.generation_config.eos_token_id = saved
+    assert stopped[0] == ''
+    assert all(f.startswith(s) for f, s in zip(full, stopped))
+
+
+def test_merge_gives_the_same_answers(tiny):
+    from peft import LoraConfig, get_peft_model
+    model, tok, prompts, d = tiny
+    import copy
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=16, target_modules=['q_proj', 'v_proj', 'down_proj'],
+                                                           init_lora_weights=False, task_type='CAUSAL_LM'))
+    plain = generate_answers(model, tok, prompts, max_new_tokens=8)
+    adapted = generate_answers(peft, tok, prompts, max_new_tokens=8)
+    merged = generate_answers(peft, tok, prompts, max_new_tokens=8, merge=True)
+    assert adapted == merged and adapted != plain       # the adapter changes answers; merging does not
+
+
+def test_bad_batch_size(tiny):
+    model, tok, prompts, _ = tiny
+    with pytest.raises(ValueError, match='batch_size=0'): generate_answers(model, tok, prompts, batch_size=0)
+
+
+# ---------- ask and the CLI ----------
+
+def test_ask_with_an_adapter_folder_student(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    _, _, prompts, d = tiny
+    model, tok = load_model(d)                          # loaded from its folder, so the adapter records its base
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'],
+                                            init_lora_weights=False, task_type='CAUSAL_LM'))
+    peft.save_pretrained(tmp_path/'adapter')
+    cfg = json.loads((tmp_path/'adapter'/'adapter_config.json').read_text())
+    assert Path(cfg['base_model_name_or_path']) == d
+    res = ask('请问股票600031未来走势如何？', student=tmp_path/'adapter', teacher='rule', summary_days=6,
+              max_new_tokens=6, verbose=False)
+    p = res[0]['prompt']
+    assert p.startswith('请问股票600031未来走势如何？\n股票 600031 近6日K线数据')
+    assert res[0]['student'] == generate_answers(peft, tok, [p], max_new_tokens=6)[0]
+    assert json.loads(res[0]['teacher'])['prediction']
+
+
+def run_cli(*args, env=None):
+    e = dict(os.environ, HF_HUB_OFFLINE='1', **(env or {}))
+    e.pop('ARK_API_KEY', None)
+    return subprocess.run([sys.executable, '-m', 'stockdistill.inference', *args], capture_output=True, text=True,
+                          cwd=ROOT, env=e, timeout=180)
+
+
+def test_cli_code_not_bundled_is_a_clear_error(tiny):
+    r = run_cli('请问股票600000未来走势如何？', '--student', str(tiny[3]))
+    assert r.returncode == 2 and 'stock 600000 is not in the bundled data' in r.stderr and '--source eastmoney' in r.stderr
+    r = run_cli('请问茅台未来走势如何？', '--student', str(tiny[3]))
+    assert r.returncode == 2 and 'no six-digit stock code' in r.stderr
+
+
+def test_cli_prints_prompt_teacher_and_student(tiny):
+    r = run_cli('请问股票600031未来走势如何？', '--student', str(tiny[3]), '--teacher', 'rule', '--summary-days', '8',
+                '--max-new-tokens', '6')
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert out.index('=== 600031 prompt ===') < out.index('=== teacher ===') < out.index('=== student ===')
+    assert '股票 600031 近8日K线数据' in out and '"prediction"' in out
+
+
+def test_cli_skips_a_teacher_without_key(tiny):
+    r = run_cli('请问股票600031未来走势如何？', '--student', str(tiny[3]), '--teacher', 'deepseek-r1',
+                '--summary-days', '5', '--max-new-tokens', '4')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '[teacher skipped: set the environment variable ARK_API_KEY' in r.stdout
+    assert '=== teacher ===' not in r.stdout and '=== student ===' in r.stdout

@@ -352,7 +352,7 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
         res['path'] = str(p)
     return res
 
-# %% ../nbs/07_evaluate.ipynb #4156dd34
+# %% ../nbs/07_evaluate.ipynb #82b5e312
 def format_seed_lines(metrics:dict) -> str:
     "The seed's two summary lines: BLEU, ROUGE-L and embedding similarity before and after fine-tuning."
     f = lambda m: f"bleu: {m['bleu']:.4f}, rougeL: {m['rougeL']:.4f}, embed: {m.get('embed', float('nan')):.4f}"
@@ -383,7 +383,8 @@ def plot_confusions(metrics:dict, # result of `evaluate_model`
         ax.imshow(cm, cmap='Blues')
         ax.set_xticks(range(len(PRED_LABELS)), PRED_LABELS); ax.set_yticks(range(len(DIRECTIONS)), DIRECTIONS)
         for i, row in enumerate(cm):
-            for j, v in enumerate(row): ax.text(j, i, v, ha='center', va='center', color='black')
+            for j, v in enumerate(row):
+                ax.text(j, i, v, ha='center', va='center', color='white' if v > max(map(max, cm))/2 else 'black')
         ax.set_xlabel('predicted'); ax.set_ylabel('realized')
         ax.set_title(f"{w}: acc {metrics[w]['accuracy']:.2f}, MCC {metrics[w]['mcc']:.2f}")
     fig.tight_layout()
@@ -421,6 +422,6 @@ def main(argv:Optional[list]=None):
     print(f"\nwrote {m['path']}")
     return m
 
-# %% ../nbs/07_evaluate.ipynb #db60a7e1
-#| eval: false
-if __name__ == '__main__': main()
+# %% ../nbs/07_evaluate.ipynb #36075255
+from fastcore.imports import IN_NOTEBOOK
+if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m stockdistill.evaluate`, not a notebook kernel

@@ -194,6 +194,6 @@ def main(argv:Optional[list]=None):
              summary_days=a.summary_days, max_new_tokens=a.max_new_tokens)
     except ValueError as e: p.exit(2, f"error: {e}\n")
 
-# %% ../nbs/06_inference.ipynb #d5042cb1
-#| eval: false
-if __name__ == '__main__': main()
+# %% ../nbs/06_inference.ipynb #704ac79c
+from fastcore.imports import IN_NOTEBOOK
+if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m stockdistill.inference`, not a notebook kernel

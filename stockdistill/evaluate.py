@@ -423,5 +423,6 @@ def main(argv:Optional[list]=None):
     return m
 
 # %% ../nbs/07_evaluate.ipynb #36075255
+#| eval: false
 from fastcore.imports import IN_NOTEBOOK
 if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m stockdistill.evaluate`, not a notebook kernel

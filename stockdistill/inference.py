@@ -195,5 +195,6 @@ def main(argv:Optional[list]=None):
     except ValueError as e: p.exit(2, f"error: {e}\n")
 
 # %% ../nbs/06_inference.ipynb #704ac79c
+#| eval: false
 from fastcore.imports import IN_NOTEBOOK
 if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m stockdistill.inference`, not a notebook kernel

@@ -2,6 +2,8 @@
 
     python bench/train_throughput.py --shape qwen1.5-7b --mode both --steps 8 --seq-len 2048   # on a GPU
     python bench/train_throughput.py --shape tiny --mode both --steps 4 --seq-len 256          # on a CPU
+    accelerate launch --config_file configs/accelerate/ddp_2gpu.yaml bench/train_throughput.py --shape qwen1.5-7b \
+        --mode both --steps 8 --seq-len 2048 --batch 4                                          # DDP on 2 GPUs
 
 The model is built at random with the exact config (Qwen1.5-7B is the Qwen2 architecture), saved to a local folder,
 and loaded back with `stockdistill.train.load_base` (bitsandbytes quantises on load), then wrapped by `add_lora` and
@@ -55,6 +57,13 @@ def build_random(shape:str, folder:Path):
     print(f"built {shape}: {n/1e9:.3f}B parameters ({(n - n_embed)/1e9:.3f}B in matmuls) in {time.time()-t0:.0f}s")
     return cfg, n, n - n_embed
 
+def count_params(cfg) -> tuple:
+    "(all parameters, parameters in matmuls: all but the input embedding) of a model with `cfg`, built on 'meta'."
+    from transformers import AutoModelForCausalLM
+    with torch.device('meta'): model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    return n, n - model.get_input_embeddings().weight.numel()
+
 class RandomTokens(torch.utils.data.Dataset):
     "Fixed-length random token rows (every token is a label)."
     def __init__(self, n, seq_len, vocab, seed=0):
@@ -63,7 +72,8 @@ class RandomTokens(torch.utils.data.Dataset):
     def __len__(self): return len(self.ids)
     def __getitem__(self, i): return dict(input_ids=self.ids[i], labels=self.ids[i])
 
-def run(folder:Path, cfg, n_matmul:int, mode:str, steps:int, seq_len:int, batch:int, grad_accum:int, gc:bool):
+def run(folder:Path, cfg, n_matmul:int, mode:str, steps:int, seq_len:int, batch:int, grad_accum:int, gc:bool,
+        world:int=1):
     "Train `steps` optimizer steps with the student's LoRA/QLoRA path; return the measured figures."
     from transformers import Trainer, TrainerCallback
     from stockdistill.config import DistillConfig
@@ -86,19 +96,22 @@ def run(folder:Path, cfg, n_matmul:int, mode:str, steps:int, seq_len:int, batch:
             if cuda: torch.cuda.synchronize()
             times.append(time.time() - self.t)
     with tempfile.TemporaryDirectory() as out:
-        args = training_arguments(dc, out, save_strategy='no', logging_steps=max(1, steps//4))
+        args = training_arguments(dc, out, save_strategy='no', logging_steps=max(1, steps//4),
+                                  ddp_find_unused_parameters=False)
         data = RandomTokens(steps*batch*grad_accum, seq_len, cfg.vocab_size)
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
         trainer.train()
     timed = times[2:] if len(times) > 3 else times[1:] or times     # skip warm-up steps
     step_s = sorted(timed)[len(timed)//2]
-    tokens = batch*grad_accum*seq_len
+    tokens = batch*grad_accum*seq_len*world
     tps = tokens/step_s
     L, d = cfg.num_hidden_layers, cfg.hidden_size
     attn = 12*L*seq_len*d
     lora_flops, full_flops = (4*n_matmul + attn)*tps, (6*n_matmul + attn)*tps
     peak = torch.cuda.max_memory_allocated()/2**30 if cuda else float('nan')
-    res = dict(mode=mode, device=torch.cuda.get_device_name() if cuda else 'cpu', load_s=round(load_s, 1),
+    lora_flops, full_flops = lora_flops/world, full_flops/world     # per GPU, against one GPU's peak
+    res = dict(mode=mode, device=torch.cuda.get_device_name() if cuda else 'cpu', gpus=world, load_s=round(load_s, 1),
+               tokens_per_s_per_gpu=round(tps/world, 1),
                steps=len(times), step_s=round(step_s, 3), tokens_per_step=tokens, tokens_per_s=round(tps, 1),
                peak_gpu_gib=round(peak, 2), trainable_params=trainable, total_params=total,
                tflops_4N=round(lora_flops/1e12, 4), tflops_6N=round(full_flops/1e12, 4),
@@ -122,17 +135,28 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not torch.cuda.is_available(): torch.set_num_threads(os.cpu_count() or 1)
     modes = ['qlora', 'lora'] if a.mode == 'both' else [a.mode]
+    from accelerate import PartialState
+    state = PartialState()                      # one process, or one per GPU under accelerate launch
+    world, main = state.num_processes, state.is_main_process
+    if a.folder is None and world > 1: raise SystemExit("give --folder (a path every process can read) with several processes")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(a.folder or Path(tmp)/a.shape)
-        cfg, n, n_matmul = build_random(a.shape, folder)
+        if main: build_random(a.shape, folder)
+        state.wait_for_everyone()
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(folder)
+        n, n_matmul = count_params(cfg)
         results = []
         for mode in modes:
-            r = run(folder, cfg, n_matmul, mode, a.steps, a.seq_len, a.batch, a.grad_accum, not a.no_gc)
+            r = run(folder, cfg, n_matmul, mode, a.steps, a.seq_len, a.batch, a.grad_accum, not a.no_gc, world)
             results.append(r)
-            print(f"[{a.shape} {mode}] {r['tokens_per_s']:.1f} tokens/s ({r['step_s']}s/step of {r['tokens_per_step']} tokens), "
+            if not main: continue
+            print(f"[{a.shape} {mode} x{world} GPU] {r['tokens_per_s']:.1f} tokens/s, {r['tokens_per_s_per_gpu']:.1f} per GPU "
+                  f"({r['step_s']}s/step of {r['tokens_per_step']} tokens), "
                   f"peak GPU memory {r['peak_gpu_gib']} GiB, {r['tflops_4N']} TFLOP/s (4N+attn) = {r['mfu_4N_pct']}% "
                   f"of 989 TFLOP/s bf16; 6N figure {r['tflops_6N']} TFLOP/s = {r['mfu_6N_pct']}%; "
                   f"trainable {r['trainable_params']:,} of {r['total_params']:,}", flush=True)
+    if not main: return results
     if a.json: Path(a.json).write_text(json.dumps(results, indent=2))
     print(json.dumps(results))
     return results

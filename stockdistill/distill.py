@@ -13,9 +13,9 @@ from .teacher import get_teacher, label_samples, read_labels
 from .clean import clean_jsonl
 
 # %% auto #0
-__all__ = ['SPLITS', 'COMMANDS', 'split_files', 'build_step', 'MissingLabelsError', 'label_step', 'clean_step', 'train_step',
-           'evaluate_step', 'run_distill', 'merge_label_shards', 'label_command', 'write_report', 'parse_command',
-           'main']
+__all__ = ['SPLITS', 'COMMANDS', 'split_files', 'build_step', 'MissingLabelsError', 'make_teacher', 'label_step', 'clean_step',
+           'train_step', 'evaluate_step', 'run_distill', 'merge_label_shards', 'label_command', 'write_report',
+           'parse_command', 'main']
 
 # %% ../nbs/08_distill.ipynb #c84b450e
 SPLITS = ('train', 'val', 'test')
@@ -37,8 +37,13 @@ def build_step(cfg:DistillConfig) -> dict:
         if ds.get(s): _say(f"      {len(ds[s]):4d} {s:5s} prompts → {split_files(cfg, s)['prompts']}")
     return ds
 
-# %% ../nbs/08_distill.ipynb #7ac80d1f
+# %% ../nbs/08_distill.ipynb #6f4d178b
 class MissingLabelsError(FileNotFoundError): "`--skip-teacher` was given but there are no labels to reuse."
+
+def make_teacher(cfg:DistillConfig):
+    "The teacher `cfg` names (a local `hf:` teacher also gets the answer budget `max_new_tokens`)."
+    extra = dict(max_new_tokens=cfg.max_new_tokens) if cfg.teacher.startswith('hf:') else {}
+    return get_teacher(cfg.teacher, model=cfg.teacher_model, concurrency=cfg.concurrency, **extra)
 
 def label_step(cfg:DistillConfig, ds:dict, teacher=None) -> dict:
     "Label every split with the configured teacher (or check that labels exist when skipping)."
@@ -49,7 +54,7 @@ def label_step(cfg:DistillConfig, ds:dict, teacher=None) -> dict:
                                      "--skip-teacher to label (or pass the --run-name of a run that has labels)")
         _say(f"[2/5] label: skipped (--skip-teacher), reusing {files['train']['labeled']}")
         return {s: read_labels(f['labeled']) for s, f in files.items() if f['labeled'].exists()}
-    teacher = teacher or get_teacher(cfg.teacher, model=cfg.teacher_model, concurrency=cfg.concurrency)
+    teacher = teacher or make_teacher(cfg)
     _say(f"[2/5] label: teacher {teacher.name}" + (" (overwrite: relabeling everything)" if cfg.overwrite else ""))
     out = {}
     for s, f in files.items():
@@ -74,13 +79,14 @@ def clean_step(cfg:DistillConfig, labels:dict) -> dict:
         _say(f"      {counts['kept']:4d} {s:5s} kept" + (f", dropped {dropped}" if dropped else "") + f" → {f['cleaned']}")
     return out
 
-# %% ../nbs/08_distill.ipynb #a8832635
+# %% ../nbs/08_distill.ipynb #b290e7a0
 def train_step(cfg:DistillConfig, cleaned:dict, resume:bool=True) -> dict:
     "Fine-tune the student on the cleaned training labels (resuming from a checkpoint if the run was cut short)."
     from stockdistill.train import train_student
-    _say(f"[4/5] train: student {cfg.student}" + (" (resuming from the last checkpoint)" if resume else ""))
+    resume = resume and not cfg.overwrite
+    _say(f"[4/5] train: student {cfg.student}" + (" (resuming from the last checkpoint, if any)" if resume else ""))
     val = cleaned.get('val', {}).get('path')
-    summary = train_student(cfg, train_path=cleaned['train']['path'], val_path=val, resume=resume and not cfg.overwrite)
+    summary = train_student(cfg, train_path=cleaned['train']['path'], val_path=val, resume=resume)
     _say(f"      {summary.get('steps')} steps in {summary.get('wall_s', 0):.0f}s, "
          f"adapter → {cfg.path(cfg.out)}")
     return summary
@@ -133,18 +139,19 @@ def merge_label_shards(parts:list, # part files written by the processes
     for p in parts: Path(p).unlink(missing_ok=True)
     return len(newest)
 
-# %% ../nbs/08_distill.ipynb #d20c804a
+# %% ../nbs/08_distill.ipynb #7d8c8f16
 def label_command(cfg:DistillConfig, teacher=None) -> dict:
-    "Build and label the prompts of a run, sharded over the processes of `accelerate launch` (one process: plain)."
+    "Build, label and clean the prompts of a run, labeling sharded over the processes of `accelerate launch`."
+    import torch
     from accelerate import PartialState
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())   # on CPUs the processes talk over gloo
     rank, world = state.process_index, state.num_processes
     if state.is_main_process:
         build_step(cfg)
         if cfg.overwrite:
             for s in SPLITS: split_files(cfg, s)['labeled'].unlink(missing_ok=True)
     state.wait_for_everyone()
-    teacher = teacher or get_teacher(cfg.teacher, model=cfg.teacher_model, concurrency=cfg.concurrency)
+    teacher = teacher or make_teacher(cfg)
     if hasattr(teacher, 'model'): teacher.model.to(state.device)
     out = {}
     for s in SPLITS:
@@ -162,6 +169,8 @@ def label_command(cfg:DistillConfig, teacher=None) -> dict:
             out[s] = merge_label_shards(parts, f['labeled'])
             _say(f"      {out[s]:4d} {s:5s} labels from {world} process(es) → {f['labeled']}")
         state.wait_for_everyone()
+    if state.is_main_process: clean_step(cfg, {s: read_labels(split_files(cfg, s)['labeled']) for s in out})
+    state.wait_for_everyone()
     return out
 
 # %% ../nbs/08_distill.ipynb #026fb6c5

@@ -18,8 +18,8 @@ from .rope import scale_rope
 # %% auto #0
 __all__ = ['ANSWER_MARK', 'TINY_SPECIALS', 'CHAT_TOKENS', 'CHATML_TEMPLATE', 'TINY_SAVE', 'TINY_PRESET', 'TINY_TOKEN_BUDGET',
            'TINY_SIZE', 'format_example', 'train_tiny_tokenizer', 'build_tiny_student', 'label_text', 'LabelCollator',
-           'load_labeled', 'use_4bit', 'load_base', 'add_lora', 'tiny_epochs', 'student_config', 'ProgressCallback',
-           'training_arguments', 'train_student', 'load_student']
+           'load_labeled', 'use_4bit', 'load_base', 'fsdp_launch', 'add_lora', 'tiny_epochs', 'student_config',
+           'ProgressCallback', 'training_arguments', 'train_student', 'load_student']
 
 # %% ../nbs/05_train.ipynb #d13ad5f7
 ANSWER_MARK = "### 答案："
@@ -180,8 +180,15 @@ def load_base(base:str,                    # hub id or local folder of a causal 
     if load_in_4bit:
         kw['quantization_config'] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        # FSDP shards the quantized weights too, which needs them stored in a float dtype (not uint8)
+        if fsdp_launch(): kw['quantization_config'].bnb_4bit_quant_storage = torch.bfloat16
         if not torch.cuda.is_available(): kw['device_map'] = 'cpu'
+        elif not fsdp_launch(): kw['device_map'] = {'': int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}
     return AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype, **kw)
+
+def fsdp_launch() -> bool:
+    "Whether this process was started by `accelerate launch` with an FSDP config."
+    return os.environ.get('ACCELERATE_USE_FSDP', '').lower() in ('1', 'true')
 
 # %% ../nbs/05_train.ipynb #3350926d
 TINY_SAVE = ('embed_tokens', 'lm_head', 'input_layernorm', 'post_attention_layernorm', 'norm')
@@ -282,8 +289,11 @@ def _resolve_student(cfg:DistillConfig, train_ds, overwrite:bool=False) -> str:
     "The base model to load: the run's own tiny student (built if missing) or `cfg.student`."
     if cfg.student != 'tiny': return cfg.student
     base = cfg.path('tiny_base').resolve()
-    if overwrite or not (base/'config.json').exists():
+    from accelerate import PartialState
+    state = PartialState(cpu=not torch.cuda.is_available())   # several processes under accelerate / torchrun
+    if state.is_main_process and (overwrite or not (base/'config.json').exists()):
         build_tiny_student(list(train_ds['prompt']) + list(train_ds['label']), base, seed=cfg.seed, **TINY_SIZE)
+    state.wait_for_everyone()                                  # the others load what the main process built
     return str(base)
 
 def _last_checkpoint(folder:Path) -> Optional[str]:
@@ -339,8 +349,9 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     wall = time.time() - t0
-    model.save_pretrained(out); tokenizer.save_pretrained(out)
-    progress.plot()
+    trainer.save_model(str(out))        # adapter + tokenizer, from the main process only (several under accelerate)
+    main = trainer.is_world_process_zero()
+    if main: progress.plot()
     trainable, n_params = model.get_nb_trainable_parameters()
     tokens = sum(lengths)*(total/steps_per_epoch if steps_per_epoch else 0)
     summary = dict(student=cfg.student, base=base, adapter=str(out.resolve()), load_in_4bit=four_bit,
@@ -356,7 +367,8 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
                    trainable_params=trainable, total_params=n_params,
                    lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, epochs_planned=cfg.epochs,
                    rope_factor=cfg.rope_factor, rope_type=cfg.rope_type if cfg.rope_factor else None)
-    (out/'train_summary.json').write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding='utf-8')
+    summary['processes'] = trainer.args.world_size
+    if main: (out/'train_summary.json').write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding='utf-8')
     return summary
 
 # %% ../nbs/05_train.ipynb #c845d209

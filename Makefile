@@ -7,11 +7,13 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= quickstart
+# the tiny student reads ~7-day prompts (--max-tokens 900 characters): on full 30-day prompts it only loops (see 05_train)
+RUN_FLAGS ?= --windows 16 --max-tokens 900 --max-new-tokens 128 --overwrite
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test install export lint nbtest pytest clean-run bench
+.PHONY: run test install bench run-flags
 
 install: $(STAMP)
 
@@ -28,7 +30,7 @@ $(STAMP): setup.py settings.ini
 
 # The main job: the whole distillation on the embedded defaults (bundled bars, rule teacher, tiny student).
 run: $(STAMP)
-	$(BIN)/stockdistill distill --run-name $(RUN) --overwrite
+	$(BIN)/stockdistill distill --run-name $(RUN) $(RUN_FLAGS)
 
 # The tests, in order: library in sync with the notebooks, lint, notebook tests, pytest.
 test: $(STAMP)
@@ -44,3 +46,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	bash bench/pipeline.sh
+
+run-flags:
+	@echo $(RUN_FLAGS)

@@ -325,6 +325,7 @@ def main(argv:Optional[list]=None):
     except (MissingLabelsError, FileNotFoundError, ValueError) as e:
         print(f"stockdistill {cmd}: error: {e}", file=sys.stderr); sys.exit(2)
 
-# %% ../nbs/08_distill.ipynb #fa77429c
+# %% ../nbs/08_distill.ipynb #236c7158
 #| eval: false
-if __name__ == '__main__': main()
+from fastcore.imports import IN_NOTEBOOK
+if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m stockdistill.distill`, not a notebook kernel

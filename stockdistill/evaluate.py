@@ -344,6 +344,9 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
         res['baselines']['majority']['from'] = 'train' if train_dirs else 'evaluated set'
     res['samples'] = [dict(prompt=r['prompt'], teacher=_as_text(r['label']), before=b, after=a)
                       for r, b, a in list(zip(records, before, after))[:n_samples]]
+    # every record's directions, so a report can cross them (student vs teacher, vs reality) any way it likes
+    res['records'] = [dict(id=r.get('id'), realized=d, teacher=answer_direction(r['label']), before=answer_direction(b),
+                           after=answer_direction(a)) for r, d, b, a in zip(records, real, before, after)]
     if out is not None:
         p = Path(out)
         if p.is_dir() or not p.suffix: p = p/'metrics.json'

@@ -313,7 +313,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     from transformers import Trainer, set_seed
     cfg = cfg or DistillConfig()
     cfg = (student_config(cfg) if preset else cfg).replace(**kwargs)   # keywords win over the preset
-    if not torch.cuda.is_available(): torch.set_num_threads(os.cpu_count() or 1)
+    if not torch.cuda.is_available() and 'OMP_NUM_THREADS' not in os.environ: torch.set_num_threads(os.cpu_count() or 1)
     set_seed(cfg.seed)
     train_ds = load_labeled(train_path or cfg.path('clean_train.jsonl'))
     val_ds = load_labeled(val_path) if val_path else None

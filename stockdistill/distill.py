@@ -173,7 +173,7 @@ def label_command(cfg:DistillConfig, teacher=None) -> dict:
     state.wait_for_everyone()
     return out
 
-# %% ../nbs/08_distill.ipynb #026fb6c5
+# %% ../nbs/08_distill.ipynb #163e79f6
 import html as _html
 
 _METRICS = ('bleu', 'rougeL', 'embed', 'json_valid', 'fields_complete', 'direction_agreement')
@@ -240,7 +240,7 @@ def _fig_confusions(metrics:dict):
     fig.update_layout(title='Directions: confusion matrices', height=380)
     return fig
 
-def _fig_direction_scores(metrics:dict):
+def _fig_direction_scores(metrics:dict, horizon=''):
     import plotly.graph_objects as go
     who = {'student (after)': metrics['after'], 'student (before)': metrics['before'],
            'teacher': metrics.get('teacher') or {}, **{f'baseline: {k}': v for k, v in (metrics.get('baselines') or {}).items()}}
@@ -248,7 +248,7 @@ def _fig_direction_scores(metrics:dict):
     if not who: return None
     fig = go.Figure([go.Bar(name=m, x=list(who), y=[v.get(m) for v in who.values()],
                             text=[f"{v.get(m) or 0:.3f}" for v in who.values()]) for m in ('accuracy', 'mcc')])
-    fig.update_layout(barmode='group', title=f"Prediction vs the realized {metrics.get('horizon', '')} move "
+    fig.update_layout(barmode='group', title=f"Prediction vs the realized {horizon}-day move "
                       f"({metrics.get('n_outcomes', metrics.get('n'))} windows)", yaxis_title='score')
     return fig
 
@@ -261,7 +261,7 @@ def _samples_html(metrics:dict) -> str:
     return ("<h2>Answers side by side</h2><table><tr><th>prompt</th><th>teacher</th><th>student after</th>"
             "<th>student before</th></tr>" + ''.join(rows) + "</table>")
 
-# %% ../nbs/08_distill.ipynb #2d7a0b3f
+# %% ../nbs/08_distill.ipynb #1300b1a7
 def write_report(run_dir, # a run folder with metrics.json (and the adapter's train_summary.json)
                  out=None) -> Path: # file to write; default `run_dir/report.html`
     "Write a self-contained HTML report of a run (plotly.js inlined, so it opens offline)."
@@ -271,13 +271,16 @@ def write_report(run_dir, # a run folder with metrics.json (and the adapter's tr
     summ = run_dir/cfg.get('out', 'lora_adapter')/'train_summary.json'
     summary = json.loads(summ.read_text(encoding='utf-8')) if summ.exists() else {}
     figs = [f for f in (_fig_losses(summary) if summary else None, _fig_before_after(metrics), _fig_per_field(metrics),
-                        _fig_confusions(metrics), _fig_direction_scores(metrics)) if f is not None]
+                        _fig_confusions(metrics), _fig_direction_scores(metrics, cfg.get('horizon', '?'))) if f is not None]
     parts = [f.to_html(full_html=False, include_plotlyjs='inline' if i == 0 else False) for i, f in enumerate(figs)]
     lines = _html.escape(__import__('stockdistill.evaluate', fromlist=['x']).format_seed_lines(metrics))
     head = (f"<h1>stockdistill run <code>{_html.escape(run_dir.name)}</code></h1><pre>{lines}</pre>"
             f"<p>{metrics.get('n')} {metrics.get('split', '')} examples; teacher <code>{_html.escape(str(cfg.get('teacher')))}</code>,"
             f" student <code>{_html.escape(str(cfg.get('student')))}</code>"
-            + (f", {summary.get('steps')} training steps in {summary.get('wall_s', 0):.0f} s" if summary else '') + ".</p>")
+            + (f", {summary.get('steps')} training steps in {summary.get('wall_s', 0):.0f} s (as trained: lr {summary.get('lr')}, "
+               f"batch {summary.get('batch_size')}×{summary.get('grad_accum')}, LoRA r {summary.get('lora_r')}, "
+               f"{summary.get('epochs', 0):.1f} epochs, {summary.get('trainable_params', 0):,} trainable parameters)"
+               if summary else '') + ".</p>")
     style = ("<style>body{font-family:sans-serif;max-width:1200px;margin:auto} pre{white-space:pre-wrap;font-size:12px}"
              " table{border-collapse:collapse} td,th{border:1px solid #ccc;vertical-align:top;padding:4px;max-width:380px}</style>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>stockdistill {_html.escape(run_dir.name)}</title>{style}"

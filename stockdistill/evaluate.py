@@ -267,13 +267,8 @@ def score_answers(answers:Sequence[str],   # generated answers, one per record
 def read_records(data) -> list[dict]:
     "Records from a JSONL path (blank lines skipped, a bad line is an error naming it) or a list of dicts."
     if not isinstance(data, (str, Path)): return [dict(r) for r in data]
-    out = []
-    with open(data, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: out.append(json.loads(line))
-            except json.JSONDecodeError as e: raise ValueError(f"{data}:{n}: not a JSON line ({e.msg})") from e
-    return out
+    from stockdistill.dataset import read_jsonl
+    return read_jsonl(data)
 
 def _check_records(records:list, where) -> list:
     for i, r in enumerate(records):

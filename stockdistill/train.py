@@ -161,7 +161,7 @@ def load_labeled(path):
     if not isinstance(ds[0]['label'], str): ds = ds.map(lambda r: dict(label=label_text(r['label'])))
     return ds.select_columns(['id', 'prompt', 'label'])
 
-# %% ../nbs/05_train.ipynb #8984d1da
+# %% ../nbs/05_train.ipynb #fc42498d
 def use_4bit(load_in_4bit:Optional[bool]) -> bool:
     "Resolve the config's `load_in_4bit`: None means on exactly when CUDA is available."
     return torch.cuda.is_available() if load_in_4bit is None else bool(load_in_4bit)
@@ -284,7 +284,7 @@ def training_arguments(cfg:DistillConfig,  # run settings (lr, batch, epochs/max
     args.update(kw)
     return TrainingArguments(**args)
 
-# %% ../nbs/05_train.ipynb #9d3149d5
+# %% ../nbs/05_train.ipynb #c767a4f1
 def _resolve_student(cfg:DistillConfig, train_ds, overwrite:bool=False) -> str:
     "The base model to load: the run's own tiny student (built if missing) or `cfg.student`."
     if cfg.student != 'tiny': return cfg.student
@@ -300,7 +300,7 @@ def _last_checkpoint(folder:Path) -> Optional[str]:
     from transformers.trainer_utils import get_last_checkpoint
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
-# %% ../nbs/05_train.ipynb #1f4d3a1a
+# %% ../nbs/05_train.ipynb #a62ca0d5
 def train_student(cfg:DistillConfig=None,      # run settings; None means DistillConfig()
                   train_path=None,             # cleaned training JSONL; None: `<run>/clean_train.jsonl`
                   val_path=None,               # cleaned validation JSONL (eval loss each epoch), optional

@@ -94,14 +94,14 @@ def train_step(cfg:DistillConfig, cleaned:dict, resume:bool=True) -> dict:
 # %% ../nbs/08_distill.ipynb #8be27fa8
 def evaluate_step(cfg:DistillConfig, cleaned:dict, summary:dict) -> dict:
     "Evaluate base vs tuned student on validation (else train) and write `metrics.json`."
-    from stockdistill.evaluate import evaluate_model, format_seed_lines
+    from stockdistill.evaluate import evaluate_model, format_seed_lines, save_metrics
     split = 'val' if cleaned.get('val', {}).get('counts', {}).get('kept') else 'train'
     _say(f"[5/5] evaluate on {split}")
     metrics = evaluate_model(cleaned[split]['path'], base_model=summary['base'], tuned_model=str(cfg.path(cfg.out)),
                              limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens, embed_model=cfg.embed_model,
-                             train_data=cleaned['train']['path'], flat_band=cfg.flat_band, out=cfg.path('metrics.json'))
+                             train_data=cleaned['train']['path'], flat_band=cfg.flat_band)
     metrics['split'] = split
-    cfg.path('metrics.json').write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding='utf-8')
+    metrics['path'] = str(save_metrics(metrics, cfg.path('metrics.json')))
     _say(format_seed_lines(metrics))
     return metrics
 

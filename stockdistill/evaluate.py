@@ -15,10 +15,10 @@ from typing import Optional, Sequence
 
 # %% auto #0
 __all__ = ['DEFAULT_EMBED', 'FIELDS', 'DIRECTION_KEYWORDS', 'DIRECTIONS', 'PRED_LABELS', 'cjk_tokenize', 'CJKTokenizer', 'bleu',
-           'rouge_l', 'embed_model_path', 'load_embedder', 'embed_similarity', 'unk_fraction', 'extract_json',
-           'answer_fields', 'text_metrics', 'direction_of', 'confusion', 'mcc_from_confusion', 'direction_scores',
-           'window_change', 'momentum_direction', 'baseline_predictions', 'answer_direction', 'realized_directions',
-           'score_answers', 'read_records', 'evaluate_model', 'format_seed_lines', 'metrics_table', 'plot_confusions',
+           'rouge_l', 'embed_model_path', 'load_embedder', 'embed_similarity', 'unk_fraction', 'answer_fields',
+           'text_metrics', 'direction_of', 'confusion', 'mcc_from_confusion', 'direction_scores', 'stated_change',
+           'momentum_direction', 'baseline_predictions', 'answer_direction', 'realized_directions', 'score_answers',
+           'read_records', 'save_metrics', 'evaluate_model', 'format_seed_lines', 'metrics_table', 'plot_confusions',
            'main']
 
 # %% ../nbs/07_evaluate.ipynb #7f8b05b6
@@ -102,23 +102,7 @@ def unk_fraction(texts:Sequence[str], # texts to tokenise
 # %% ../nbs/07_evaluate.ipynb #b6392bec
 FIELDS = ('prediction', 'analysis', 'advice')
 
-def _extract_json_fallback(text:str) -> Optional[dict]:
-    "The first JSON object that parses in `text` (fenced code, prose around it, nested braces), or None."
-    if not text: return None
-    dec = json.JSONDecoder()
-    for m in re.finditer(r'\{', text):
-        try: obj, _ = dec.raw_decode(text[m.start():])
-        except json.JSONDecodeError: continue
-        if isinstance(obj, dict): return obj
-    return None
-
-def extract_json(text:str) -> Optional[dict]:
-    "The JSON object in an answer: the teacher module's parser when available, else our own."
-    try: from stockdistill.teacher import extract_json as _ej
-    except ImportError: _ej = _extract_json_fallback
-    try: obj = _ej(text)
-    except Exception: obj = None
-    return obj if isinstance(obj, dict) else None
+from .teacher import extract_json   # plain JSON, fenced, in prose, after reasoning: dict or None
 
 def answer_fields(text) -> dict:
     "The three fields of an answer (a dict, or text holding JSON) as stripped strings; missing ones are ''."
@@ -128,9 +112,7 @@ def answer_fields(text) -> dict:
                 if obj.get(f) is not None else '').strip() for f in FIELDS}
 
 # %% ../nbs/07_evaluate.ipynb #2bfbe7d0
-def _as_text(label) -> str:
-    "A label as the string the seed compares against (dicts become JSON with Chinese kept)."
-    return label if isinstance(label, str) else json.dumps(label, ensure_ascii=False)
+from .train import label_text   # a label as the string the seed compares (dicts as JSON)
 
 def text_metrics(preds:Sequence[str], # generated answers
                  refs:Sequence,       # teacher labels (JSON strings or dicts), same length
@@ -139,7 +121,7 @@ def text_metrics(preds:Sequence[str], # generated answers
                  ) -> dict:
     "Mean BLEU, ROUGE-L and embedding similarity of `preds` vs `refs`, per field too, plus JSON structure rates."
     if len(preds) != len(refs): raise ValueError(f"text_metrics: {len(preds)} predictions but {len(refs)} references")
-    refs = [_as_text(r) for r in refs]
+    refs = [label_text(r) for r in refs]
     mean = lambda xs: float(sum(xs) / len(xs)) if len(xs) else float('nan')
     def scores(ps, rs):
         d = {'bleu': mean([bleu(p, r) for p, r in zip(ps, rs)]), 'rougeL': mean([rouge_l(p, r) for p, r in zip(ps, rs)])}
@@ -217,14 +199,14 @@ def direction_scores(y_true:Sequence[str], # realized directions
 # %% ../nbs/07_evaluate.ipynb #a2b91a44
 _CHANGE_RE = re.compile(r'涨跌幅\s*[:：]\s*([+-]?\d+(?:\.\d+)?)\s*%')
 
-def window_change(prompt:str) -> Optional[float]:
+def stated_change(prompt:str) -> Optional[float]:
     "The window's percent change stated in a prompt (`涨跌幅: +3.21%`), or None if it has none."
     m = _CHANGE_RE.search(prompt or '')
     return float(m.group(1)) if m else None
 
 def momentum_direction(prompt:str, flat_band:float=1.0) -> str:
     "Direction of the window's own change: flat within +-`flat_band` percent, 'unknown' when the prompt has none."
-    ch = window_change(prompt)
+    ch = stated_change(prompt)
     if ch is None: return 'unknown'
     return 'flat' if abs(ch) <= flat_band else 'up' if ch > 0 else 'down'
 
@@ -297,6 +279,15 @@ def _nan_to_none(x):
     if isinstance(x, (list, tuple)): return [_nan_to_none(v) for v in x]
     return x
 
+def save_metrics(metrics:dict, # result of `evaluate_model` (extra keys welcome)
+                 out) -> Path: # a JSON file, or a folder that gets metrics.json
+    "Write `metrics` as strict JSON (NaN becomes null); return the file written."
+    p = Path(out)
+    if p.is_dir() or not p.suffix: p = p/'metrics.json'
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(_nan_to_none(metrics), ensure_ascii=False, indent=2, allow_nan=False), encoding='utf-8')
+    return p
+
 # %% ../nbs/07_evaluate.ipynb #e8d648a6
 def evaluate_model(data,                      # cleaned JSONL path, or a list of records (prompt, label, [outcome])
                    base_model,                # base model: folder / hub id / (model, tokenizer) pair
@@ -337,17 +328,12 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
         res['baselines'] = {k: direction_scores(y, v) for k, v in base_preds.items()}
         res['baselines']['majority']['class'] = base_preds['majority'][0]
         res['baselines']['majority']['from'] = 'train' if train_dirs else 'evaluated set'
-    res['samples'] = [dict(prompt=r['prompt'], teacher=_as_text(r['label']), before=b, after=a)
+    res['samples'] = [dict(prompt=r['prompt'], teacher=label_text(r['label']), before=b, after=a)
                       for r, b, a in list(zip(records, before, after))[:n_samples]]
     # every record's directions, so a report can cross them (student vs teacher, vs reality) any way it likes
     res['records'] = [dict(id=r.get('id'), realized=d, teacher=answer_direction(r['label']), before=answer_direction(b),
                            after=answer_direction(a)) for r, d, b, a in zip(records, real, before, after)]
-    if out is not None:
-        p = Path(out)
-        if p.is_dir() or not p.suffix: p = p/'metrics.json'
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(_nan_to_none(res), ensure_ascii=False, indent=2), encoding='utf-8')
-        res['path'] = str(p)
+    if out is not None: res['path'] = str(save_metrics(res, out))
     return res
 
 # %% ../nbs/07_evaluate.ipynb #82b5e312

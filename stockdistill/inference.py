@@ -113,26 +113,13 @@ def load_model(student:Union[str, Path, tuple], # model folder / hub id, adapter
                merge:bool=False):               # merge the adapter into the base weights
     "A (model, tokenizer) pair from a pair, a full model folder or hub id, or an adapter folder on its base."
     if isinstance(student, (tuple, list)): return tuple(student)
-    try: from stockdistill.train import load_student
-    except ImportError: load_student = _load_plain
+    from stockdistill.train import load_student
     p = Path(student)
     if (p/'adapter_config.json').exists():
         if base is None: base = json.loads((p/'adapter_config.json').read_text()).get('base_model_name_or_path')
         if not base: raise ValueError(f"{p} is a LoRA adapter; pass its base model (--base DIR)")
         return load_student(base, adapter=str(p), merge=merge)
     return load_student(str(student))
-
-# %% ../nbs/06_inference.ipynb #48eb2216
-def _load_plain(base, adapter=None, merge=False):
-    "Load a causal LM and its tokenizer with transformers, optionally with a LoRA adapter (merged if asked)."
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(adapter or base))
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    if adapter is not None:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, str(adapter))
-        if merge: model = model.merge_and_unload()
-    return model.eval(), tok
 
 # %% ../nbs/06_inference.ipynb #cd49bc14
 def ask(question:str,                 # e.g. '请问股票600031未来走势如何？'

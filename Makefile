@@ -34,7 +34,6 @@ run: $(STAMP)
 
 # The tests, in order: library in sync with the notebooks, lint, notebook tests, pytest.
 test: $(STAMP)
-	@git diff --quiet -- stockdistill nbs || { echo "note: uncommitted changes in stockdistill/ or nbs/ (checked against the working tree)"; }
 	@before=$$(git status --porcelain -- stockdistill nbs | sort; git diff -- stockdistill nbs | sha1sum); \
 	  $(BIN)/nbdev_export && $(BIN)/nbdev_clean && \
 	  after=$$(git status --porcelain -- stockdistill nbs | sort; git diff -- stockdistill nbs | sha1sum); \

@@ -273,7 +273,8 @@ def write_report(run_dir, # a run folder with metrics.json (and the adapter's tr
     figs = [f for f in (_fig_losses(summary) if summary else None, _fig_before_after(metrics), _fig_per_field(metrics),
                         _fig_confusions(metrics), _fig_direction_scores(metrics, cfg.get('horizon', '?'))) if f is not None]
     parts = [f.to_html(full_html=False, include_plotlyjs='inline' if i == 0 else False) for i, f in enumerate(figs)]
-    lines = _html.escape(__import__('stockdistill.evaluate', fromlist=['x']).format_seed_lines(metrics))
+    from stockdistill.evaluate import format_seed_lines
+    lines = _html.escape(format_seed_lines(metrics))
     head = (f"<h1>stockdistill run <code>{_html.escape(run_dir.name)}</code></h1><pre>{lines}</pre>"
             f"<p>{metrics.get('n')} {metrics.get('split', '')} examples; teacher <code>{_html.escape(str(cfg.get('teacher')))}</code>,"
             f" student <code>{_html.escape(str(cfg.get('student')))}</code>"

@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= quickstart
 # the tiny student reads ~7-day prompts (--max-tokens 900 characters): on full 30-day prompts it only loops (see 05_train)
-RUN_FLAGS ?= --windows 16 --max-tokens 900 --max-new-tokens 128 --overwrite
+RUN_FLAGS ?= --windows 16 --max-tokens 900 --max-new-tokens 128 --gen-batch-size 64 --overwrite
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false

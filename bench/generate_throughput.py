@@ -1,14 +1,21 @@
 """Generation throughput of the tiny student: one prompt at a time (the seed's way) vs batched `generate_answers`.
 
-Usage: python bench/generate_throughput.py [--prompts 64] [--max-new-tokens 64] [--batch-size 16] [--threads 2]
-                                          [--window 30] [--hidden-size 128] [--layers 2]
+Usage: python bench/generate_throughput.py [--prompts 64] [--max-new-tokens 128] [--batch-size 64] [--threads 2]
+                                          [--window 30] [--max-tokens 900] [--modes each,padded] [--repeat 3]
+                                          [--hidden-size 128] [--layers 2] [--shape qwen1.5-7b (GPU)]
 
-Prompts are real: 30-day windows of the bundled A-share bars, written by `dataset.make_prompt`. The student is the
-random tiny Qwen2 of `train.build_tiny_student` (its tokenizer trained on these prompts). Both ways decode greedily
-with the same `max_new_tokens`; the script prints prompts/s, new tokens/s and the speed-up, and checks that both ways
-give the same answers.
+Prompts are real: 30-day windows of the bundled A-share bars, cut to the quick start's budget (`--max-tokens 900`
+characters, the earliest days dropped by `dataset.fit_prompt`, as `make run` does); `--max-tokens 0` keeps all 30
+days (~2,000 tokens). The student is the random tiny Qwen2 of `train.build_tiny_student` (its tokenizer trained on
+these prompts). Every way decodes greedily with the same `max_new_tokens`. The script prints prompts/s, new tokens/s
+and the speed-up of each batched prefill mode over one by one, checks that every way gives the same answers, and
+prints the time of the prefills alone (every prompt through the model once, unpadded): batching cannot share that
+work, so one-by-one time / prefill time bounds any batched speed-up. Each way is timed `--repeat` times; the best
+(least disturbed) time of each way gives the speed-up, as `timeit` advises, and the median is printed beside it.
+On a GPU, `--shape qwen1.5-7b` replaces the tiny student by a random model of that exact shape (bf16).
 """
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,18 +24,19 @@ import torch
 
 from stockdistill.config import bundled_codes
 from stockdistill.data import load_bars
-from stockdistill.dataset import make_prompt
+from stockdistill.dataset import fit_prompt
 from stockdistill.inference import generate_answers, strip_echo
 from stockdistill.train import build_tiny_student, format_example
 
 
-def real_prompts(n:int, window:int=30) -> list[str]:
-    "`n` prompts from 30-day windows of the bundled stocks, spread over each stock's history."
+def real_prompts(n:int, window:int=30, max_tokens:int=None) -> list[str]:
+    "`n` prompts from `window`-day windows of the bundled stocks, spread over each stock's history, cut to `max_tokens`."
     codes, out = bundled_codes(), []
     for k in range(n):
-        bars = load_bars(codes[k % len(codes)])
+        code = codes[k % len(codes)]
+        bars = load_bars(code)
         end = len(bars) - 1 - (k // len(codes)) * 97
-        out.append(make_prompt(codes[k % len(codes)], bars.iloc[end-window+1:end+1]))
+        out.append(fit_prompt(code, bars.iloc[end-window+1:end+1], max_tokens or None)[0])
     return out
 
 
@@ -37,49 +45,82 @@ def one_by_one(model, tok, prompts, max_new_tokens):
     answers, new = [], 0
     with torch.inference_mode():
         for p in prompts:
-            enc = tok(format_example(p), return_tensors='pt')
+            enc = tok(format_example(p), return_tensors='pt').to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             new += out.shape[1] - enc['input_ids'].shape[1]
             answers.append(strip_echo(tok.decode(out[0], skip_special_tokens=True)))
     return answers, new
 
 
+def prefill_only(model, tok, prompts) -> float:
+    "Seconds to run every prompt through the model once, alone and unpadded (the work batching cannot share)."
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts: model(**tok(format_example(p), return_tensors='pt').to(model.device), logits_to_keep=1)
+    return time.perf_counter() - t
+
+
+def timed(f, repeat:int):
+    "`(result of the last call, best seconds, median seconds)` of `repeat` calls of `f`."
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter(); out = f(); times.append(time.perf_counter() - t)
+    return out, min(times), statistics.median(times)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--prompts', type=int, default=64)
-    ap.add_argument('--max-new-tokens', type=int, default=64)
-    ap.add_argument('--batch-size', type=int, default=16)
+    ap.add_argument('--max-new-tokens', type=int, default=128, help="answer budget (the quick start's 128)")
+    ap.add_argument('--batch-size', type=int, default=64)
     ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--window', type=int, default=30, help='trading days per prompt')
+    ap.add_argument('--window', type=int, default=30, help='trading days per window')
+    ap.add_argument('--max-tokens', type=int, default=900, help="prompt budget in characters (quick start 900; 0: whole window)")
+    ap.add_argument('--modes', default='each,padded', help="batched prefill modes to time: each, padded")
+    ap.add_argument('--repeat', type=int, default=3, help='timings of each way (best and median are printed)')
     ap.add_argument('--hidden-size', type=int, default=128, help='student width (build_tiny_student default 128)')
     ap.add_argument('--layers', type=int, default=2, help='student depth (build_tiny_student default 2)')
+    ap.add_argument('--shape', help="a random model of a real shape instead (GPU; see train_throughput.SHAPES)")
+    ap.add_argument('--no-compile', action='store_true', help="stop HF generate from compiling decoding (GPU, static cache)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    prompts = real_prompts(a.prompts, a.window)
+    prompts = real_prompts(a.prompts, a.window, a.max_tokens)
     with tempfile.TemporaryDirectory() as d:
         model, tok = build_tiny_student(prompts, Path(d)/'tiny', hidden_size=a.hidden_size, layers=a.layers,
                                         intermediate_size=3*a.hidden_size, heads=max(4, a.hidden_size//64))
+    if a.shape:
+        from train_throughput import random_model
+        model = random_model(a.shape)[0]
+        model.generation_config.eos_token_id = tok.eos_token_id
     model.eval()
+    sync = torch.cuda.synchronize if model.device.type == 'cuda' else (lambda: None)
     lens = [len(tok(format_example(p))['input_ids']) for p in prompts]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"student: {n_params/1e6:.1f}M parameters, hidden {a.hidden_size}, {a.layers} layers")
-    print(f"{len(prompts)} prompts, {min(lens)}-{max(lens)} tokens (mean {sum(lens)/len(lens):.0f}); "
-          f"max_new_tokens={a.max_new_tokens}; torch threads={torch.get_num_threads()}")
-    generate_answers(model, tok, prompts[:2], batch_size=2, max_new_tokens=4)  # warm-up
+    print(f"student: {a.shape or 'tiny'}, {n_params/1e6:,.1f}M parameters on {model.device} "
+          f"({torch.cuda.get_device_name() if model.device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    print(f"{len(prompts)} prompts ({a.window}-day windows, max_tokens={a.max_tokens or 'none'}), "
+          f"{min(lens)}-{max(lens)} tokens (mean {sum(lens)/len(lens):.0f}); max_new_tokens={a.max_new_tokens}; "
+          f"batch {a.batch_size}; best and median of {a.repeat}")
+    modes = a.modes.split(',')
+    for m in modes: generate_answers(model, tok, prompts[:2], batch_size=2, max_new_tokens=4, prefill=m)  # warm-up
+    one_by_one(model, tok, prompts[:1], 4)
 
-    t = time.perf_counter()
-    single, new_single = one_by_one(model, tok, prompts, a.max_new_tokens)
-    t_single = time.perf_counter() - t
-
-    stats = {}
-    batched = generate_answers(model, tok, prompts, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, stats=stats)
-    t_batched = stats['seconds']
-
-    same = sum(x == y for x, y in zip(single, batched))
-    print(f"one by one : {t_single:7.2f} s  {len(prompts)/t_single:7.2f} prompts/s  {new_single/t_single:8.1f} tokens/s")
-    print(f"batched {a.batch_size:<3}: {t_batched:7.2f} s  {len(prompts)/t_batched:7.2f} prompts/s  "
-          f"{stats['new_tokens']/t_batched:8.1f} tokens/s")
-    print(f"speed-up   : {t_single/t_batched:.1f}x   (same answers: {same}/{len(prompts)})")
+    def run(f): return lambda: (f(), sync())[0]
+    (single, new_single), t_single, med_single = timed(run(lambda: one_by_one(model, tok, prompts, a.max_new_tokens)), a.repeat)
+    _, t_prefill, _ = timed(run(lambda: prefill_only(model, tok, prompts)), a.repeat)
+    print(f"{'one by one':14s}: {t_single:7.2f} s (median {med_single:6.2f})  {len(prompts)/t_single:7.2f} prompts/s  "
+          f"{new_single/t_single:8.1f} tokens/s")
+    extra = dict(disable_compile=True) if a.no_compile else {}
+    for m in modes:
+        stats = {}
+        batched, tb, med = timed(run(lambda: generate_answers(model, tok, prompts, batch_size=a.batch_size,
+                                    max_new_tokens=a.max_new_tokens, prefill=m, stats=stats, **extra)), a.repeat)
+        same = sum(x == y for x, y in zip(single, batched))
+        print(f"{'batched ' + m:14s}: {tb:7.2f} s (median {med:6.2f})  {len(prompts)/tb:7.2f} prompts/s  "
+              f"{stats['new_tokens']/tb:8.1f} tokens/s  speed-up {t_single/tb:4.1f}x (median {med_single/med:4.1f}x)  "
+              f"same answers as one by one: {same}/{len(prompts)}")
+    print(f"{'prefills alone':14s}: {t_prefill:7.2f} s  ({t_prefill/t_single:.0%} of one by one: no batching can beat "
+          f"{t_single/t_prefill:.1f}x here)")
 
 
 if __name__ == '__main__': main()

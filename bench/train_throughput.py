@@ -33,27 +33,31 @@ SHAPES = {
 }
 H200_BF16_PEAK = 989e12
 
-def build_random(shape:str, folder:Path):
-    "Save a randomly initialised Qwen2 model of `shape` (bf16 on GPU, float32 on CPU) to `folder`."
+def random_model(shape:str, device=None):
+    "A randomly initialised Qwen2 model of `shape` (bf16 on GPU, float32 on CPU), built on its device directly."
     from transformers import Qwen2Config, Qwen2ForCausalLM
     kw = dict(SHAPES[shape]); theta = kw.pop('rope_theta', 1e4)
     cfg = Qwen2Config(**kw, rope_parameters=dict(rope_type='default', rope_theta=theta))
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    t0 = time.time()
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     with torch.device('meta'): model = Qwen2ForCausalLM(cfg)
-    model = model.to_empty(device='cuda' if cuda else 'cpu').to(dtype)
-    gen = torch.Generator(device=model.device).manual_seed(0)
+    model = model.to_empty(device=device).to(torch.bfloat16 if device.type == 'cuda' else torch.float32)
+    gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if 'norm' in name: p.fill_(1.0)
             elif name.endswith('bias'): p.zero_()
             else: p.normal_(0, 0.02, generator=gen)
+    return model, cfg
+
+def build_random(shape:str, folder:Path):
+    "Save a randomly initialised Qwen2 model of `shape` to `folder`."
+    t0 = time.time()
+    model, cfg = random_model(shape)
     model.save_pretrained(folder)
     n_embed = model.get_input_embeddings().weight.numel()
     n = sum(p.numel() for p in model.parameters())
     del model
-    if cuda: torch.cuda.empty_cache()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
     print(f"built {shape}: {n/1e9:.3f}B parameters ({(n - n_embed)/1e9:.3f}B in matmuls) in {time.time()-t0:.0f}s")
     return cfg, n, n - n_embed
 

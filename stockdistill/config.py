@@ -76,6 +76,7 @@ class DistillConfig:
     out:str='lora_adapter'          # adapter folder, relative to the run folder unless absolute
     # evaluation
     max_new_tokens:int=256          # generation budget per answer
+    gen_batch_size:int=8            # prompts per generate call when evaluating (CPU: larger is faster)
     eval_limit:Optional[int]=None   # evaluate at most this many validation examples
     embed_model:Optional[str]=None  # sentence-transformers model; None means the bundled all-MiniLM-L6-v2
 
@@ -105,6 +106,7 @@ def validate(self:DistillConfig):
               ('rope_type', self.rope_type in ('linear', 'dynamic', 'yarn'), "must be 'linear', 'dynamic' or 'yarn'"),
               ('max_len', self.max_len > 0, 'must be positive'),
               ('epochs', self.epochs > 0, 'must be positive'),
+              ('gen_batch_size', self.gen_batch_size >= 1, 'must be at least 1'),
               ('skip_teacher', not (self.skip_teacher and self.overwrite), 'cannot be combined with overwrite')]
     for name, ok, why in checks:
         if not ok: raise ValueError(f"{name}={getattr(self, name)!r} {why}")

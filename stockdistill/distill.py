@@ -98,7 +98,8 @@ def evaluate_step(cfg:DistillConfig, cleaned:dict, summary:dict) -> dict:
     split = 'val' if cleaned.get('val', {}).get('counts', {}).get('kept') else 'train'
     _say(f"[5/5] evaluate on {split}")
     metrics = evaluate_model(cleaned[split]['path'], base_model=summary['base'], tuned_model=str(cfg.path(cfg.out)),
-                             limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens, embed_model=cfg.embed_model,
+                             limit=cfg.eval_limit, batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
+                             embed_model=cfg.embed_model,
                              train_data=cleaned['train']['path'], flat_band=cfg.flat_band)
     metrics['split'] = split
     metrics['path'] = str(save_metrics(metrics, cfg.path('metrics.json')))

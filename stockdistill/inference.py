@@ -15,8 +15,8 @@ from .config import DistillConfig, MissingKeyError, bundled_codes
 from .train import ANSWER_MARK, format_example
 
 # %% auto #0
-__all__ = ['strip_echo', 'generate_answers', 'extract_codes', 'recent_bars', 'question_prompt', 'load_model', 'ask',
-           'teacher_text', 'main']
+__all__ = ['strip_echo', 'prefilled_cache', 'generate_answers', 'extract_codes', 'recent_bars', 'question_prompt', 'load_model',
+           'ask', 'teacher_text', 'main']
 
 # %% ../nbs/06_inference.ipynb #46dcfca6
 def strip_echo(text:str) -> str:
@@ -24,7 +24,7 @@ def strip_echo(text:str) -> str:
     head, mark, tail = (text or '').partition(ANSWER_MARK)
     return (tail if mark else head).strip()
 
-# %% ../nbs/06_inference.ipynb #4b24f40f
+# %% ../nbs/06_inference.ipynb #98a6acab
 def _eos_ids(model, tokenizer) -> set:
     "Token ids that end an answer: the tokenizer's EOS and the generation config's EOS id(s)."
     ids = {tokenizer.eos_token_id}
@@ -36,6 +36,52 @@ def _cut_at_eos(row:list, stop:set) -> list:
     "The token ids of `row` before its first stop id."
     return row[:next((k for k, t in enumerate(row) if t in stop), len(row))]
 
+def _pad_left(rows:list, pad_id:int, device=None) -> tuple:
+    "`(input_ids, attention_mask)` of `rows` (lists of token ids), padded on the left to the longest row."
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r: ids[i, width-len(r):], mask[i, width-len(r):] = torch.tensor(r), 1
+    return ids.to(device), mask.to(device)
+
+def _cache_arg() -> str:
+    "The name transformers gives a KV cache in calls and outputs: `cache` (5.2x on) or `past_key_values` (before)."
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    return 'cache' if 'cache' in getattr(CausalLMOutputWithPast, '__dataclass_fields__', {}) else 'past_key_values'
+
+def prefilled_cache(model,               # a causal LM (PEFT-wrapped or plain)
+                    rows:list,           # token ids of each prompt, the order of the batch
+                    max_new_tokens:int): # room left in the cache for the answer
+    "A static KV cache of `rows` without their last tokens, left-padded like `_pad_left`, filled one row at a time."
+    from transformers import StaticCache
+    width, arg = max(map(len, rows)) - 1, _cache_arg()
+    if width < 1: raise ValueError("prefilled_cache needs a prompt of at least two tokens")
+    done = [getattr(model(input_ids=torch.tensor([r[:-1]], device=model.device), use_cache=True, logits_to_keep=1), arg)
+            if len(r) > 1 else None for r in rows]
+    ref = next(c for c in done if c is not None)
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    for l, layer in enumerate(ref.layers):
+        k = layer.keys.new_zeros((len(rows), *layer.keys.shape[1:2], width, layer.keys.shape[-1]))
+        v = layer.values.new_zeros((len(rows), *layer.values.shape[1:2], width, layer.values.shape[-1]))
+        for i, c in enumerate(done):
+            if c is None: continue
+            n = c.layers[l].keys.shape[-2]
+            k[i, :, width-n:], v[i, :, width-n:] = c.layers[l].keys[0], c.layers[l].values[0]
+        cache.update(k, v, l)
+    return cache
+
+def _prefill_mode(model, prefill:str, gen_kwargs:dict) -> str:
+    "The prefill `generate_answers` uses: `prefill` itself, or for 'auto' 'each' on a CPU and 'padded' elsewhere."
+    if prefill not in ('auto', 'each', 'padded'): raise ValueError(f"prefill={prefill!r}: use 'auto', 'each' or 'padded'")
+    cfg = getattr(model, 'config', None)
+    sliding = any(t != 'full_attention' for t in (getattr(cfg, 'layer_types', None) or [])) or getattr(cfg, 'use_sliding_window', False)
+    beams = gen_kwargs.get('num_beams', 1) > 1
+    if prefill == 'each' and (sliding or beams):
+        raise ValueError(f"prefill='each' cannot serve {'beam search' if beams else 'a sliding-window model'}; use prefill='padded'")
+    if prefill == 'auto': return 'each' if model.device.type == 'cpu' and not (sliding or beams) else 'padded'
+    return prefill
+
 def generate_answers(model,                   # a causal LM (PEFT-wrapped or plain)
                      tokenizer,               # its tokenizer
                      prompts:Sequence[str],   # prompts without the answer marker
@@ -43,41 +89,40 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                      max_new_tokens:int=256,  # answer budget in tokens
                      do_sample:bool=False,    # greedy (False) or sampling
                      merge:bool=False,        # merge a LoRA adapter into the base weights before generating
+                     prefill:str='auto',      # 'each' (one prompt at a time into a shared cache), 'padded', or 'auto'
                      desc:str='generate',     # progress bar label
-                     stats:Optional[dict]=None, # if given, filled with new_tokens, seconds, prompts
+                     stats:Optional[dict]=None, # if given, filled with new_tokens, seconds, prompts, prefill
                      **gen_kwargs) -> list[str]:
     "Answers of `model` to `prompts`, generated in length-sorted, left-padded batches and returned in input order."
     from tqdm.auto import tqdm
     if batch_size < 1: raise ValueError(f"batch_size={batch_size} must be at least 1")
+    mode = _prefill_mode(model, prefill, gen_kwargs)
     if merge and hasattr(model, 'merge_and_unload'): model = model.merge_and_unload()
     model.eval()
-    texts = [format_example(p) for p in prompts]
-    lengths = [len(ids) for ids in tokenizer(texts)['input_ids']]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    rows = [list(ids) for ids in tokenizer([format_example(p) for p in prompts])['input_ids']]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None: raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     stop = _eos_ids(model, tokenizer)
-    answers, n_new, t0 = [None]*len(texts), 0, time.perf_counter()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = 'left'
-    try:
-        with torch.inference_mode(), tqdm(total=len(texts), desc=desc, leave=False) as bar:
-            for b in range(0, len(order), batch_size):
-                idx = order[b:b+batch_size]
-                enc = tokenizer([texts[i] for i in idx], return_tensors='pt', padding=True).to(model.device)
-                if 'token_type_ids' in enc: del enc['token_type_ids']
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id,
-                                     eos_token_id=sorted(stop) or None, **gen_kwargs)
-                for i, row in zip(idx, out[:, enc['input_ids'].shape[1]:].tolist()):
-                    ids = _cut_at_eos(row, stop)
-                    n_new += min(len(ids) + 1, len(row))
-                    answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                bar.update(len(idx))
-    finally: tokenizer.padding_side = side
-    if stats is not None: stats.update(prompts=len(texts), new_tokens=n_new, seconds=time.perf_counter() - t0)
+    answers, n_new, t0 = [None]*len(rows), 0, time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(rows), desc=desc, leave=False) as bar:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b+batch_size]
+            batch = [rows[i] for i in idx]
+            ids, mask = _pad_left(batch, pad_id, model.device)
+            cached = mode == 'each' and len(batch) > 1 and ids.shape[1] > 1
+            extra = {_cache_arg(): prefilled_cache(model, batch, max_new_tokens)} if cached else {}
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 pad_token_id=pad_id, eos_token_id=sorted(stop) or None, **extra, **gen_kwargs)
+            for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
+                new = _cut_at_eos(row, stop)
+                n_new += min(len(new) + 1, len(row))
+                answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            bar.update(len(idx))
+    if stats is not None: stats.update(prompts=len(rows), new_tokens=n_new, seconds=time.perf_counter() - t0, prefill=mode)
     return answers
 
-# %% ../nbs/06_inference.ipynb #d43ba23f
+# %% ../nbs/06_inference.ipynb #43b3ec32
 _CODE_RE = re.compile(r'(?<!\d)\d{6}(?!\d)')
 
 def extract_codes(question:str) -> list[str]:
@@ -87,7 +132,7 @@ def extract_codes(question:str) -> list[str]:
                                    "ask e.g. '请问股票600031未来走势如何？'")
     return codes
 
-# %% ../nbs/06_inference.ipynb #b61ccada
+# %% ../nbs/06_inference.ipynb #ff055e81
 def recent_bars(code:str,            # six-digit stock code
                 days:int=90,         # trading days of history to keep (the config's summary_days)
                 source:str='bundled'): # 'bundled', 'eastmoney' or a folder of CODE.csv files
@@ -107,7 +152,7 @@ def question_prompt(question:str, # the user's question
     from stockdistill.dataset import make_prompt
     return f"{question.strip()}\n{make_prompt(code, bars, indicators=indicators)}"
 
-# %% ../nbs/06_inference.ipynb #4754243f
+# %% ../nbs/06_inference.ipynb #dbe40604
 def load_model(student:Union[str, Path, tuple], # model folder / hub id, adapter folder, or a (model, tokenizer) pair
                base:Optional[str]=None,         # base model for an adapter folder (default: the one it was trained on)
                merge:bool=False):               # merge the adapter into the base weights
@@ -181,7 +226,7 @@ def main(argv:Optional[list]=None):
              summary_days=a.summary_days, max_new_tokens=a.max_new_tokens)
     except ValueError as e: p.exit(2, f"error: {e}\n")
 
-# %% ../nbs/06_inference.ipynb #704ac79c
+# %% ../nbs/06_inference.ipynb #25e52ce0
 #| eval: false
 from fastcore.imports import IN_NOTEBOOK
 if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m stockdistill.inference`, not a notebook kernel

@@ -227,6 +227,16 @@ def test_evaluate_cli_prints_both_seed_lines_and_writes_json(tiny_models):
     assert f"bleu: {m['after']['bleu']:.4f}" in line and f"embed: {m['after']['embed']:.4f}" in line
 
 
+def test_scores_do_not_depend_on_the_generation_batch(tiny_models):
+    "Batched greedy answers equal one-by-one answers, so every score is the same at any batch size."
+    from stockdistill.evaluate import evaluate_model
+    d, data = tiny_models
+    runs = [evaluate_model(data, base_model=str(d/'base'), tuned_model=str(d/'adapter'), batch_size=b, max_new_tokens=8,
+                           embed_model=False) for b in (1, 5)]
+    assert runs[0]['samples'] == runs[1]['samples']
+    for side in ('before', 'after'): assert runs[0][side] == runs[1][side]
+
+
 def test_evaluate_cli_clear_error_for_a_bad_file(tmp_path):
     bad = tmp_path/'bad.jsonl'
     bad.write_text('{"prompt": "x", "label": "y"}\nnot json\n', encoding='utf-8')

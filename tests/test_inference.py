@@ -68,6 +68,44 @@ def test_batched_answers_keep_order_and_match_one_by_one(tiny):
     assert tok.padding_side == 'right'                  # restored after left padding
 
 
+@pytest.mark.parametrize('prefill', ['each', 'padded'])
+def test_every_prefill_gives_the_seed_ways_answers(tiny, prefill):
+    "Batches prefilled prompt by prompt or left-padded answer exactly as one `generate` call per prompt does."
+    model, tok, prompts, _ = tiny
+    with torch.inference_mode():
+        seed_way = []
+        for p in prompts:
+            enc = tok(format_example(p), return_tensors='pt')
+            out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+            seed_way.append(strip_echo(tok.decode(out[0], skip_special_tokens=True)))
+    stats = {}
+    assert generate_answers(model, tok, prompts, batch_size=4, max_new_tokens=12, prefill=prefill, stats=stats) == seed_way
+    assert stats['prefill'] == prefill
+
+
+def test_auto_prefill_is_each_on_cpu_and_sampling_goes_through_the_cache(tiny):
+    model, tok, prompts, _ = tiny
+    stats = {}
+    generate_answers(model, tok, prompts[:2], batch_size=2, max_new_tokens=2, stats=stats)
+    assert stats['prefill'] == 'each'
+    sampled = {}
+    for mode in ('each', 'padded'):     # same logits and the same random stream give the same samples
+        torch.manual_seed(0)
+        sampled[mode] = generate_answers(model, tok, prompts, batch_size=6, max_new_tokens=10, do_sample=True,
+                                         top_k=0, prefill=mode)
+    assert sampled['each'] == sampled['padded']
+    assert sampled['each'] != generate_answers(model, tok, prompts, batch_size=6, max_new_tokens=10)
+
+
+def test_bad_prefill_is_a_clear_error(tiny):
+    model, tok, prompts, _ = tiny
+    with pytest.raises(ValueError, match="prefill='fast'"): generate_answers(model, tok, prompts, prefill='fast')
+    with pytest.raises(ValueError, match='beam search'): generate_answers(model, tok, prompts, prefill='each', num_beams=2)
+    stats = {}
+    generate_answers(model, tok, prompts[:2], batch_size=2, max_new_tokens=2, num_beams=2, stats=stats)
+    assert stats['prefill'] == 'padded'                 # 'auto' takes the padded batch for beam search
+
+
 def test_answers_are_the_seed_way_with_the_echo_cut(tiny):
     "Batched answers equal the seed's: generate on one prompt, decode everything, strip the echo."
     model, tok, prompts, _ = tiny

@@ -97,6 +97,26 @@ def test_auto_prefill_is_each_on_cpu_and_sampling_goes_through_the_cache(tiny):
     assert sampled['each'] != generate_answers(model, tok, prompts, batch_size=6, max_new_tokens=10)
 
 
+def test_prefilled_cache_holds_each_prompt_as_computed_alone(tiny):
+    from stockdistill.inference import prefilled_cache, _cache_arg
+    model, tok, prompts, _ = tiny
+    rows = [tok(format_example(p))['input_ids'] for p in prompts]
+    width = max(map(len, rows)) - 1
+    cache = prefilled_cache(model, rows, max_new_tokens=3)
+    assert cache.get_seq_length() == width
+    with torch.inference_mode():
+        for i in (0, 1, 4):
+            alone = getattr(model(input_ids=torch.tensor([rows[i][:-1]]), use_cache=True), _cache_arg())
+            n = len(rows[i]) - 1
+            for l, layer in enumerate(cache.layers):
+                assert torch.allclose(layer.keys[i, :, width-n:width], alone.layers[l].keys[0], atol=1e-6)
+                assert torch.allclose(layer.values[i, :, width-n:width], alone.layers[l].values[0], atol=1e-6)
+                assert layer.keys[i, :, :width-n].abs().sum() == 0          # left padding stays empty
+        layer = cache.layers[0]
+        k, v = layer.update(layer.keys[:, :, :1].clone(), layer.values[:, :, :1].clone())
+    assert k.shape[2] == v.shape[2] == width + 1        # decoding reads the filled part only, not the room left
+
+
 def test_bad_prefill_is_a_clear_error(tiny):
     model, tok, prompts, _ = tiny
     with pytest.raises(ValueError, match="prefill='fast'"): generate_answers(model, tok, prompts, prefill='fast')

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Optional
 
 # %% auto #0
-__all__ = ['REASONS', 'ANSWER_KEYS', 'clean_record', 'clean_jsonl']
+__all__ = ['REASONS', 'clean_record', 'clean_jsonl']
 
 # %% ../nbs/04_clean.ipynb #3f9e4731
 REASONS = ('empty_line', 'invalid_json', 'not_object', 'missing_prompt', 'teacher_error', 'missing_label',
            'raw_label', 'empty_label_fields')
-ANSWER_KEYS = ('prediction', 'analysis', 'advice')
+from .teacher import ANSWER_KEYS   # ('prediction', 'analysis', 'advice'): the teacher's answer fields
 
 def clean_record(line:str) -> tuple[Optional[dict], Optional[str]]:
     "`(cleaned record, None)` for a line fit to train on, else `(None, reason)`."

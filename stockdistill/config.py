@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 from typing import Optional
 from fastcore.basics import patch
+from .rope import ROPE_TYPES   # linear, dynamic, yarn
 
 # %% auto #0
 __all__ = ['ASSETS', 'LORA_TARGETS', 'bundled_codes', 'DistillConfig', 'load_config', 'add_config_args', 'config_from_args',
@@ -103,7 +104,7 @@ def validate(self:DistillConfig):
               ('concurrency', self.concurrency >= 1, 'must be at least 1'),
               ('rope_factor', self.rope_factor is None or self.rope_factor > 1,
                'must be > 1: a factor <= 1 would shrink or keep the context, so leave it unset for no scaling'),
-              ('rope_type', self.rope_type in ('linear', 'dynamic', 'yarn'), "must be 'linear', 'dynamic' or 'yarn'"),
+              ('rope_type', self.rope_type in ROPE_TYPES, "must be 'linear', 'dynamic' or 'yarn'"),
               ('max_len', self.max_len > 0, 'must be positive'),
               ('epochs', self.epochs > 0, 'must be positive'),
               ('gen_batch_size', self.gen_batch_size >= 1, 'must be at least 1'),

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .config import DistillConfig, bundled_codes
+from .config import DistillConfig
 from .data import load_bars, stock_names, add_indicators
 
 # %% auto #0
@@ -364,7 +364,7 @@ def build_dataset(codes=None,               # stock codes; None means every bund
     if bars is None: bars = load_bars(codes, source=source, start=start, end=end)
     else: bars = {c: bars[c].sort_values('date').reset_index(drop=True) for c in codes}
     calendar = pd.DatetimeIndex(np.unique(np.concatenate([b['date'].values for b in bars.values()])))
-    names = stock_names() if set(codes) & set(bundled_codes()) else {}
+    names = stock_names()   # '' below for a code that is not bundled
     if max_tokens is not None and tokenizer is None and verbose:
         print(f"max_tokens={max_tokens}: no tokenizer given, so prompt length is counted in characters")
     out = {s: [] for s in SPLITS}

@@ -13,12 +13,12 @@ from .teacher import get_teacher, label_samples, read_labels
 from .clean import clean_jsonl
 
 # %% auto #0
-__all__ = ['SPLITS', 'COMMANDS', 'split_files', 'build_step', 'MissingLabelsError', 'make_teacher', 'label_step', 'clean_step',
+__all__ = ['COMMANDS', 'split_files', 'build_step', 'MissingLabelsError', 'make_teacher', 'label_step', 'clean_step',
            'train_step', 'evaluate_step', 'run_distill', 'merge_label_shards', 'label_command', 'write_report',
            'parse_command', 'main']
 
 # %% ../nbs/08_distill.ipynb #c84b450e
-SPLITS = ('train', 'val', 'test')
+from .dataset import SPLITS   # train, val, test
 
 def split_files(cfg:DistillConfig, split:str) -> dict:
     "Paths of the prompts, labels and cleaned labels of `split` in the run folder."
@@ -178,7 +178,7 @@ def label_command(cfg:DistillConfig, teacher=None) -> dict:
 import html as _html
 
 _METRICS = ('bleu', 'rougeL', 'embed', 'json_valid', 'fields_complete', 'direction_agreement')
-_DIRS = ('up', 'down', 'flat')
+from .dataset import DIRECTIONS as _DIRS   # up, down, flat
 
 def _fig_losses(summary:dict):
     import plotly.graph_objects as go

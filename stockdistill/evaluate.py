@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 # %% auto #0
-__all__ = ['DEFAULT_EMBED', 'FIELDS', 'DIRECTION_KEYWORDS', 'DIRECTIONS', 'PRED_LABELS', 'cjk_tokenize', 'CJKTokenizer', 'bleu',
-           'rouge_l', 'embed_model_path', 'load_embedder', 'embed_similarity', 'unk_fraction', 'answer_fields',
-           'text_metrics', 'direction_of', 'confusion', 'mcc_from_confusion', 'direction_scores', 'stated_change',
-           'momentum_direction', 'baseline_predictions', 'answer_direction', 'realized_directions', 'score_answers',
-           'read_records', 'save_metrics', 'evaluate_model', 'format_seed_lines', 'metrics_table', 'plot_confusions',
-           'main']
+__all__ = ['DEFAULT_EMBED', 'DIRECTION_KEYWORDS', 'PRED_LABELS', 'cjk_tokenize', 'CJKTokenizer', 'bleu', 'rouge_l',
+           'embed_model_path', 'load_embedder', 'embed_similarity', 'unk_fraction', 'answer_fields', 'text_metrics',
+           'direction_of', 'confusion', 'mcc_from_confusion', 'direction_scores', 'stated_change', 'momentum_direction',
+           'baseline_predictions', 'answer_direction', 'realized_directions', 'score_answers', 'read_records',
+           'save_metrics', 'evaluate_model', 'format_seed_lines', 'metrics_table', 'plot_confusions', 'main']
 
 # %% ../nbs/07_evaluate.ipynb #7f8b05b6
 _CJK = r'\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff'
@@ -100,7 +99,7 @@ def unk_fraction(texts:Sequence[str], # texts to tokenise
     return sum(tok.unk_token_id in i for i in ids) / len(chars)
 
 # %% ../nbs/07_evaluate.ipynb #b6392bec
-FIELDS = ('prediction', 'analysis', 'advice')
+from .teacher import ANSWER_KEYS as FIELDS   # prediction, analysis, advice
 
 from .teacher import extract_json   # plain JSON, fenced, in prose, after reasoning: dict or None
 
@@ -164,7 +163,7 @@ def direction_of(prediction:str) -> str:
     return moves[-1] if moves else 'flat' if votes else 'unknown'
 
 # %% ../nbs/07_evaluate.ipynb #5a1ce6ea
-DIRECTIONS = ('up', 'down', 'flat')
+from .dataset import DIRECTIONS   # up, down, flat: the realized outcomes
 PRED_LABELS = DIRECTIONS + ('unknown',)
 
 def confusion(y_true:Sequence[str], # realized directions
@@ -312,7 +311,8 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
     gen = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     base = _resolve_model(base_model, tokenizer)
     before = generate_answers(*base, prompts, desc='base model', **gen)
-    tuned = _resolve_model(tuned_model, tokenizer, base=base if isinstance(base_model, (tuple, list)) else base_model)
+    if not isinstance(base_model, (tuple, list)): base = base_model   # free the base copy; the adapter loads its own
+    tuned = _resolve_model(tuned_model, tokenizer, base=base)
     after = generate_answers(*tuned, prompts, desc='tuned model', **gen)
     res = {'n': len(records), 'before': score_answers(before, records, embed_model, outcomes),
            'after': score_answers(after, records, embed_model, outcomes)}

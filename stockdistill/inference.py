@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 import torch
 from .config import DistillConfig, MissingKeyError, bundled_codes
-from .train import ANSWER_MARK, format_example
+from .train import ANSWER_MARK, format_example, label_text
 
 # %% auto #0
 __all__ = ['strip_echo', 'prefilled_cache', 'generate_answers', 'extract_codes', 'recent_bars', 'question_prompt', 'load_model',
@@ -227,7 +227,7 @@ def teacher_text(result:dict) -> str:
     if result.get('error'): return f"[teacher error: {result['error']}]"
     label = result.get('label')
     if isinstance(label, dict) and set(label) == {'raw'}: return label['raw']
-    return label if isinstance(label, str) else json.dumps(label, ensure_ascii=False)
+    return label_text(label)
 
 # %% ../nbs/06_inference.ipynb #947e45dc
 def main(argv:Optional[list]=None):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 import torch
 from fastcore.basics import patch
-from .config import DistillConfig
+from .config import DistillConfig, LORA_TARGETS
 from .rope import scale_rope
 
 # %% auto #0
@@ -195,7 +195,7 @@ TINY_SAVE = ('embed_tokens', 'lm_head', 'input_layernorm', 'post_attention_layer
 
 def add_lora(model,                       # base model from `load_base`
              r:int=8, alpha:int=32, dropout:float=0.05, # LoRA rank, scaling and dropout
-             target_modules=('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'),
+             target_modules=LORA_TARGETS,
              modules_to_save:Optional[tuple]=None, # whole modules trained and saved with the adapter
              gradient_checkpointing:bool=True):    # trade compute for memory (on for real students)
     "Wrap `model` in a trainable LoRA `PeftModel` the way the seed's QLoRA recipe does."

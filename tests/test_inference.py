@@ -56,6 +56,14 @@ def tiny(tmp_path_factory):
     return model, tok, prompts, d
 
 
+def seed_answers(model, tok, prompts, max_new_tokens):
+    "The seed's way: one `generate` call per prompt, decode everything, strip the echo."
+    with torch.inference_mode():
+        outs = [model.generate(**tok(format_example(p), return_tensors='pt'), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=tok.pad_token_id)[0] for p in prompts]
+    return [strip_echo(tok.decode(o, skip_special_tokens=True)) for o in outs]
+
+
 def test_batched_answers_keep_order_and_match_one_by_one(tiny):
     model, tok, prompts, _ = tiny
     stats = {}
@@ -65,19 +73,14 @@ def test_batched_answers_keep_order_and_match_one_by_one(tiny):
     assert generate_answers(model, tok, prompts[::-1], batch_size=3, max_new_tokens=10) == batched[::-1]
     assert len(set(batched)) > 1                        # different prompts, different answers: order matters
     assert stats['prompts'] == 6 and 0 < stats['new_tokens'] <= 60 and stats['seconds'] > 0
-    assert tok.padding_side == 'right'                  # restored after left padding
+    assert tok.padding_side == 'right'                  # the tokenizer is left as it was
 
 
 @pytest.mark.parametrize('prefill', ['each', 'padded'])
 def test_every_prefill_gives_the_seed_ways_answers(tiny, prefill):
     "Batches prefilled prompt by prompt or left-padded answer exactly as one `generate` call per prompt does."
     model, tok, prompts, _ = tiny
-    with torch.inference_mode():
-        seed_way = []
-        for p in prompts:
-            enc = tok(format_example(p), return_tensors='pt')
-            out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-            seed_way.append(strip_echo(tok.decode(out[0], skip_special_tokens=True)))
+    seed_way = seed_answers(model, tok, prompts, max_new_tokens=12)
     stats = {}
     assert generate_answers(model, tok, prompts, batch_size=4, max_new_tokens=12, prefill=prefill, stats=stats) == seed_way
     assert stats['prefill'] == prefill
@@ -129,10 +132,7 @@ def test_bad_prefill_is_a_clear_error(tiny):
 def test_answers_are_the_seed_way_with_the_echo_cut(tiny):
     "Batched answers equal the seed's: generate on one prompt, decode everything, strip the echo."
     model, tok, prompts, _ = tiny
-    with torch.inference_mode():
-        enc = tok(format_example(prompts[2]), return_tensors='pt')
-        out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
-    seed_way = strip_echo(tok.decode(out[0], skip_special_tokens=True))
+    seed_way = seed_answers(model, tok, prompts[2:3], max_new_tokens=10)[0]
     assert generate_answers(model, tok, prompts, batch_size=6, max_new_tokens=10)[2] == seed_way
 
 

@@ -176,7 +176,7 @@ def add_config_args(parser:argparse.ArgumentParser, # parser to add the flags to
         flags = _FLAG_ALIASES.get(f.name, ['--' + f.name.replace('_', '-')])
         default = getattr(base, f.name)
         t = str(f.type)
-        if t == 'bool': parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+        if t in ('bool', 'Optional[bool]'): parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
         elif f.name == 'codes': parser.add_argument(*flags, dest=f.name, action='append', default=None, help='stock code (repeatable)')
         elif f.name == 'target_modules': parser.add_argument(*flags, dest=f.name, default=default, help='comma-separated module names')
         elif t.startswith('Optional['): parser.add_argument(*flags, dest=f.name, type=_parse_opt(hints.get(t[9:-1], str)), default=default)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 from .config import DistillConfig, add_config_args, config_from_args
 from .dataset import build_dataset_from_config, read_jsonl, write_jsonl
-from .teacher import get_teacher, label_samples, read_labels
+from .teacher import HFTeacher, get_teacher, label_samples, read_labels
 from .clean import clean_jsonl
 
 # %% auto #0
@@ -153,12 +153,13 @@ def label_command(cfg:DistillConfig, teacher=None) -> dict:
             for s in SPLITS: split_files(cfg, s)['labeled'].unlink(missing_ok=True)
     state.wait_for_everyone()
     teacher = teacher or make_teacher(cfg)
-    if hasattr(teacher, 'model'): teacher.model.to(state.device)
-    out = {}
+    if isinstance(teacher, HFTeacher): teacher.model.to(state.device)   # an API teacher's `model` is a name
+    out, ids = {}, {}
     for s in SPLITS:
         f = split_files(cfg, s)
         recs = read_jsonl(f['prompts']) if f['prompts'].exists() else []
         if not recs: continue
+        ids[s] = {r['id'] for r in recs}
         done = {r['id'] for r in read_labels(f['labeled']) if r.get('teacher') == teacher.name
                 and not str(r.get('error') or '').startswith('transient')}
         part = f['labeled'].with_name(f"{f['labeled'].stem}.rank{rank}.jsonl")
@@ -170,7 +171,9 @@ def label_command(cfg:DistillConfig, teacher=None) -> dict:
             out[s] = merge_label_shards(parts, f['labeled'])
             _say(f"      {out[s]:4d} {s:5s} labels from {world} process(es) → {f['labeled']}")
         state.wait_for_everyone()
-    if state.is_main_process: clean_step(cfg, {s: read_labels(split_files(cfg, s)['labeled']) for s in out})
+    if state.is_main_process:   # this teacher's labels of these prompts, as label_step returns them
+        clean_step(cfg, {s: [r for r in read_labels(split_files(cfg, s)['labeled'])
+                             if r['id'] in ids[s] and r.get('teacher') == teacher.name] for s in out})
     state.wait_for_everyone()
     return out
 

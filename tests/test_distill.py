@@ -90,6 +90,19 @@ def test_resume_after_labeling_pays_nothing_and_overwrite_relabels(tmp_path):
         assert len(srv.calls) == 2*n_prompts
 
 
+def test_label_command_with_an_api_teacher_cleans_only_its_labels(tmp_path):
+    "`stockdistill label` works with an API teacher and cleans that teacher's labels only, not others in the file."
+    distill(tmp_path, 'label', '--run-name', 'lab', *SMALL)                     # the rule teacher labels first
+    with ChatServer() as srv:
+        distill(tmp_path, 'label', '--run-name', 'lab', *SMALL, '--teacher', srv.base_url, '--teacher-model', 'test-model')
+    run = tmp_path/'lab'
+    n = len(read_jsonl(run/'prompts_train.jsonl'))
+    assert len(srv.calls) == n + len(read_jsonl(run/'prompts_val.jsonl')) > 0
+    assert len({r['teacher'] for r in read_jsonl(run/'labeled_data.jsonl')}) == 2     # both teachers' labels are kept
+    cleaned = read_jsonl(run/'cleaned_labeled_data.jsonl')
+    assert len(cleaned) == n and len({r['id'] for r in cleaned}) == n
+
+
 @pytest.mark.parametrize('cmd', ['train', 'report'])
 def test_single_step_commands_need_an_existing_run(tmp_path, cmd):
     p = distill(tmp_path, cmd, '--run-name', 'empty', check=False)

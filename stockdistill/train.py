@@ -326,8 +326,10 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     collator, eval_collator = LabelCollator(tokenizer, cfg.max_len), LabelCollator(tokenizer, cfg.max_len)
     lengths = [len(collator.encode(r)[0]) for r in train_ds]      # fails early on an all-cut answer
-    if val_ds is not None: lengths_val = [len(eval_collator.encode(r)[0]) for r in val_ds]
-    ctx, longest = model.config.max_position_embeddings, max(lengths + (lengths_val if val_ds is not None else []))
+    lengths_val = [len(eval_collator.encode(r)[0]) for r in val_ds] if val_ds is not None else []
+    # counted now: the Trainer also runs `collator` on validation batches, which would add their cuts
+    n_cut, n_cut_val = collator.n_answer_truncated, eval_collator.n_answer_truncated
+    ctx, longest = model.config.max_position_embeddings, max(lengths + lengths_val)
     if longest > ctx:
         raise ValueError(f"the longest example has {longest} tokens but the student {base} was built for {ctx} positions; "
                          f"set rope_factor >= {math.ceil(longest/ctx*10)/10} (see 05a_rope), or lower max_len / max_tokens")
@@ -363,7 +365,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
                    losses=progress.train, eval_losses=progress.eval, text_metrics=progress.metrics,
                    wall_s=round(wall, 2), tokens=int(tokens), tokens_per_s=round(tokens/wall, 1) if wall else None,
                    mean_tokens=round(sum(lengths)/len(lengths), 1), max_tokens=max(lengths),
-                   n_answer_truncated=collator.n_answer_truncated, n_val_answer_truncated=eval_collator.n_answer_truncated,
+                   n_answer_truncated=n_cut, n_val_answer_truncated=n_cut_val,
                    trainable_params=trainable, total_params=n_params,
                    lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, epochs_planned=cfg.epochs,
                    rope_factor=cfg.rope_factor, rope_type=cfg.rope_type if cfg.rope_factor else None)

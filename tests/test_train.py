@@ -70,6 +70,16 @@ def test_training_lowers_the_loss(trained):
         assert (out/f).exists(), f
     assert s['trainable_params'] > 0 and s['tokens_per_s'] > 0 and s['n_answer_truncated'] == 0
 
+def test_answer_cuts_are_counted_per_split(records, tmp_path):
+    "Validation answers cut by max_len count as validation cuts only, even though the Trainer collates them too."
+    train = records[:8]
+    longest = max(len(format_example(r['prompt'], r['label'])) for r in train)   # characters >= tokens here
+    val = [dict(records[8], id='long', label=records[8]['label']*40)]
+    cfg = DistillConfig(run_name='cut', runs_dir=str(tmp_path), max_steps=2, batch_size=4, max_len=longest + 8, seed=0)
+    s = train_student(cfg, _write(tmp_path/'train.jsonl', train), _write(tmp_path/'val.jsonl', val))
+    assert (s['n_answer_truncated'], s['n_val_answer_truncated']) == (0, 1)
+
+
 def test_adapter_reloads_in_a_fresh_process_with_plain_peft(trained, records, tmp_path):
     cfg, *_, s = trained
     model, tok = load_student(adapter=s['adapter'])

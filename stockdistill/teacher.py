@@ -380,21 +380,22 @@ class HFTeacher(Teacher):
 def _generate(self:HFTeacher, prompts:list[str]) -> list[dict]:
     "Results for one batch of prompts."
     import torch
+    from stockdistill.inference import _eos_ids, _cut_at_eos
     tok = self.tokenizer
     texts = [tok.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False, add_generation_prompt=True)
              for p in prompts] if self.chat else prompts
     side, tok.padding_side = tok.padding_side, 'left'
-    try: enc = tok(texts, return_tensors='pt', padding=True)
+    try: enc = tok(texts, return_tensors='pt', padding=True, add_special_tokens=not self.chat)  # the template has them
     finally: tok.padding_side = side
     enc = {k: v.to(self.model.device) for k, v in enc.items()}
+    stop = _eos_ids(self.model, tok)   # the tokenizer's EOS and the generation config's (e.g. a chat model's end of turn)
     with torch.no_grad():
         out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)
+                                  pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop) or None)
     new = out[:, enc['input_ids'].shape[1]:]
     results = []
     for row, mask in zip(new, enc['attention_mask']):
-        ids = row.tolist()
-        if tok.eos_token_id in ids: ids = ids[:ids.index(tok.eos_token_id)]
+        ids = _cut_at_eos(row.tolist(), stop)
         usage = {'prompt_tokens': int(mask.sum()), 'completion_tokens': len(ids), 'total_tokens': int(mask.sum()) + len(ids)}
         for k, v in usage.items(): self.usage_total[k] += v
         results.append(parse_answer(tok.decode(ids, skip_special_tokens=True), usage=usage))

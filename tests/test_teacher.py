@@ -253,6 +253,23 @@ def test_hf_teacher_batches_with_left_padding_like_one_by_one(tmp_path):
     assert from_disk.name == f'hf:{tmp_path/"tiny"}' and from_disk.answer(prompts) == batched
 
 
+def test_hf_teacher_stops_at_the_generation_configs_eos(tmp_path):
+    "A chat model ends its turn with an EOS id of its generation config, not always the tokenizer's: the answer stops there."
+    import torch
+    from stockdistill.train import build_tiny_student
+    from stockdistill.teacher import HFTeacher
+    texts = ['股票 600519 近30日K线数据', '请预测后市走势', '{"prediction": "上涨", "analysis": "放量", "advice": "持有"}']*20
+    model, tok = build_tiny_student(texts, tmp_path/'tiny')
+    prompts = ['股票 600519 近30日', '请预测后市走势，给出简短分析和操作建议']
+    with torch.no_grad():
+        first = model.generate(**tok(prompts[0], return_tensors='pt'), max_new_tokens=1, do_sample=False,
+                               pad_token_id=tok.pad_token_id)[0, -1].item()
+    model.generation_config.eos_token_id = [tok.eos_token_id, first]
+    res = HFTeacher(model, tok, batch_size=2, max_new_tokens=8, chat=False).answer(prompts)
+    assert res[0]['usage']['completion_tokens'] == 0
+    assert 0 < res[1]['usage']['completion_tokens'] <= 8
+
+
 def test_a_teacher_is_anything_with_a_name_and_stream(tmp_path):
     class Echo(Teacher):
         name = 'echo'

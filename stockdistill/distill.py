@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 from .config import DistillConfig, add_config_args, config_from_args
 from .dataset import build_dataset_from_config, read_jsonl, write_jsonl
-from .teacher import HFTeacher, get_teacher, label_samples, read_labels
+from .teacher import HFTeacher, get_teacher, label_samples, newest_labels, read_labels
 from .clean import clean_jsonl
 
 # %% auto #0
@@ -133,10 +133,8 @@ def merge_label_shards(parts:list, # part files written by the processes
                        dst) -> int: # the split's label file (its existing lines are kept)
     "Merge per-process label files into `dst` (newest line per id and teacher wins); remove the parts."
     dst = Path(dst)
-    newest = {}
-    for p in [dst, *parts]:
-        for rec in read_labels(p): newest[(rec['id'], rec.get('teacher'))] = rec
-    write_jsonl(dst, list(newest.values()))
+    newest = newest_labels(dst, *parts)
+    write_jsonl(dst, newest)
     for p in parts: Path(p).unlink(missing_ok=True)
     return len(newest)
 
@@ -162,13 +160,12 @@ def label_command(cfg:DistillConfig, teacher=None) -> dict:
         ids[s] = {r['id'] for r in recs}
         done = {r['id'] for r in read_labels(f['labeled']) if r.get('teacher') == teacher.name
                 and not str(r.get('error') or '').startswith('transient')}
-        part = f['labeled'].with_name(f"{f['labeled'].stem}.rank{rank}.jsonl")
-        label_samples([r for r in recs if r['id'] not in done], teacher, part, shard=(rank, world),
+        part = lambda r: f['labeled'].with_name(f"{f['labeled'].stem}.rank{r}.jsonl")   # process r's label file
+        label_samples([r for r in recs if r['id'] not in done], teacher, part(rank), shard=(rank, world),
                       desc=f'label {s} [{rank}/{world}]', progress=state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
-            parts = [f['labeled'].with_name(f"{f['labeled'].stem}.rank{r}.jsonl") for r in range(world)]
-            out[s] = merge_label_shards(parts, f['labeled'])
+            out[s] = merge_label_shards([part(r) for r in range(world)], f['labeled'])
             _say(f"      {out[s]:4d} {s:5s} labels from {world} process(es) → {f['labeled']}")
         state.wait_for_everyone()
     if state.is_main_process:   # this teacher's labels of these prompts, as label_step returns them

@@ -25,7 +25,7 @@ from .config import api_key
 # %% auto #0
 __all__ = ['ANSWER_KEYS', 'DIRECTION_WORDS', 'PRESETS', 'PASSTHROUGH', 'split_reasoning', 'extract_json', 'teacher_result',
            'parse_answer', 'Teacher', 'window_signals', 'RuleTeacher', 'OpenAITeacher', 'retry_after', 'HFTeacher',
-           'get_teacher', 'prompt_id', 'read_labels', 'label_samples']
+           'get_teacher', 'prompt_id', 'read_labels', 'newest_labels', 'label_samples']
 
 # %% ../nbs/03_teacher.ipynb #ab3c3dd6
 _THINK_RE = re.compile(r'<think>(.*?)</think>', re.S)
@@ -452,13 +452,15 @@ def _trim_partial_line(p:Path):
     if not data.endswith(b'\n'):
         with open(p, 'r+b') as f: f.truncate(data.rfind(b'\n') + 1)
 
+def newest_labels(*paths) -> list:
+    "The newest label per (id, teacher) in the label files `paths`: later lines, and later files, win."
+    return list({(rec['id'], rec.get('teacher')): rec for p in paths for rec in read_labels(p)}.values())
+
 def _compact(p:Path):
     "Keep only the newest line per (id, teacher), atomically."
-    newest = {}
-    for rec in read_labels(p): newest[(rec['id'], rec.get('teacher'))] = rec
     tmp = p.with_name(p.name + '.tmp')
     with open(tmp, 'w', encoding='utf-8') as f:
-        for rec in newest.values(): f.write(json.dumps(rec, ensure_ascii=False) + '\n')
+        for rec in newest_labels(p): f.write(json.dumps(rec, ensure_ascii=False) + '\n')
     os.replace(tmp, p)
 
 # %% ../nbs/03_teacher.ipynb #f868d396

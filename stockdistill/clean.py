@@ -5,13 +5,13 @@
 # %% ../nbs/04_clean.ipynb #34df6083
 from __future__ import annotations
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
+from .dataset import write_jsonl
 
 # %% auto #0
-__all__ = ['REASONS', 'clean_record', 'clean_jsonl']
+__all__ = ['REASONS', 'clean_record', 'clean_lines', 'clean_jsonl']
 
 # %% ../nbs/04_clean.ipynb #3f9e4731
 REASONS = ('empty_line', 'invalid_json', 'not_object', 'missing_prompt', 'teacher_error', 'missing_label',
@@ -37,6 +37,20 @@ def clean_record(line:str) -> tuple[Optional[dict], Optional[str]]:
     return {**rec, 'prompt': prompt.strip(), 'label': label}, None
 
 # %% ../nbs/04_clean.ipynb #6bad9aff
+def clean_lines(lines,             # label lines (JSON text), e.g. an open label file
+                dst,               # cleaned file, written atomically
+                check:bool=True):  # load the output with `datasets` to prove training can read it
+    "Clean label lines into `dst`; return the count of lines dropped for each reason and the number `kept`."
+    counts = dict.fromkeys(REASONS, 0) | {'kept': 0}
+    def kept():
+        for line in lines:
+            rec, why = clean_record(line)
+            counts[why or 'kept'] += 1
+            if why is None: yield rec
+    write_jsonl(dst, kept())
+    if check and counts['kept']: _check_loads(Path(dst), counts['kept'])
+    return counts
+
 def clean_jsonl(src,                     # label file (JSONL) written by `label_samples`
                 dst=None,                # cleaned file; 'cleaned_<src name>' next to `src` if None
                 check:bool=True,         # load the output with `datasets` to prove training can read it
@@ -45,19 +59,7 @@ def clean_jsonl(src,                     # label file (JSONL) written by `label_
     src = Path(src)
     if not src.exists(): raise FileNotFoundError(f"no label file at {src}: run the teacher first (label_samples)")
     dst = Path(dst) if dst is not None else src.with_name('cleaned_' + src.name)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    counts = dict.fromkeys(REASONS, 0) | {'kept': 0}
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + '.', suffix='.tmp', dir=dst.parent)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as out, open(src, encoding='utf-8', errors='replace') as f:
-            for line in f:
-                rec, why = clean_record(line)
-                if why: counts[why] += 1; continue
-                out.write(json.dumps(rec, ensure_ascii=False) + '\n'); counts['kept'] += 1
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    if check and counts['kept']: _check_loads(dst, counts['kept'])
+    with open(src, encoding='utf-8', errors='replace') as f: counts = clean_lines(f, dst, check)
     if verbose:
         dropped = ', '.join(f'{k}={v}' for k, v in counts.items() if v and k != 'kept') or 'nothing'
         print(f"{src.name} → {dst.name}: kept {counts['kept']}, dropped {dropped}")

@@ -10,7 +10,7 @@ from typing import Optional
 from .config import DistillConfig, add_config_args, config_from_args
 from .dataset import build_dataset_from_config, read_jsonl, write_jsonl
 from .teacher import HFTeacher, get_teacher, label_samples, newest_labels, read_labels
-from .clean import clean_jsonl
+from .clean import clean_lines
 
 # %% auto #0
 __all__ = ['COMMANDS', 'split_files', 'build_step', 'MissingLabelsError', 'make_teacher', 'label_step', 'clean_step',
@@ -70,10 +70,7 @@ def clean_step(cfg:DistillConfig, labels:dict) -> dict:
     out = {}
     for s, recs in labels.items():
         f = split_files(cfg, s)
-        current = f['labeled'].with_suffix('.current.jsonl')
-        write_jsonl(current, recs)
-        counts = clean_jsonl(current, f['cleaned'], verbose=False)
-        current.unlink()
+        counts = clean_lines((json.dumps(r, ensure_ascii=False) for r in recs), f['cleaned'])
         out[s] = dict(path=f['cleaned'], counts=counts)
         dropped = {k: v for k, v in counts.items() if k != 'kept' and v}
         _say(f"      {counts['kept']:4d} {s:5s} kept" + (f", dropped {dropped}" if dropped else "") + f" → {f['cleaned']}")

@@ -390,6 +390,7 @@ def load_student(base:Optional[str]=None,   # base model; None reads it from the
         rec = json.loads(trained.read_text(encoding='utf-8'))
         rope_factor, rope_type = rec.get('rope_factor'), rec.get('rope_type') or rope_type
     model = load_base(base, load_in_4bit=load_in_4bit, rope_factor=rope_factor, rope_type=rope_type)
+    if torch.cuda.is_available() and not load_in_4bit: model.to('cuda')   # 4-bit loads are placed by load_base itself
     tok_dir = adapter if adapter is not None and (Path(adapter)/'tokenizer_config.json').exists() else base
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if adapter is not None:

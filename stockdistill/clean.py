@@ -14,12 +14,15 @@ from .dataset import write_jsonl
 __all__ = ['REASONS', 'clean_record', 'clean_lines', 'clean_jsonl']
 
 # %% ../nbs/04_clean.ipynb #3f9e4731
-REASONS = ('empty_line', 'invalid_json', 'not_object', 'missing_prompt', 'teacher_error', 'missing_label',
+REASONS = ('empty_line', 'invalid_utf8', 'invalid_json', 'not_object', 'missing_prompt', 'teacher_error', 'missing_label',
            'raw_label', 'empty_label_fields')
 from .teacher import ANSWER_KEYS   # ('prediction', 'analysis', 'advice'): the teacher's answer fields
 
-def clean_record(line:str) -> tuple[Optional[dict], Optional[str]]:
-    "`(cleaned record, None)` for a line fit to train on, else `(None, reason)`."
+def clean_record(line) -> tuple[Optional[dict], Optional[str]]:
+    "`(cleaned record, None)` for a line (text or bytes) fit to train on, else `(None, reason)`."
+    if isinstance(line, bytes):
+        try: line = line.decode('utf-8')
+        except UnicodeDecodeError: return None, 'invalid_utf8'
     if not line.strip(): return None, 'empty_line'
     try: rec = json.loads(line)
     except json.JSONDecodeError: return None, 'invalid_json'
@@ -37,7 +40,7 @@ def clean_record(line:str) -> tuple[Optional[dict], Optional[str]]:
     return {**rec, 'prompt': prompt.strip(), 'label': label}, None
 
 # %% ../nbs/04_clean.ipynb #6bad9aff
-def clean_lines(lines,             # label lines (JSON text), e.g. an open label file
+def clean_lines(lines,             # label lines (JSON text or bytes), e.g. an open label file
                 dst,               # cleaned file, written atomically
                 check:bool=True):  # load the output with `datasets` to prove training can read it
     "Clean label lines into `dst`; return the count of lines dropped for each reason and the number `kept`."
@@ -59,7 +62,7 @@ def clean_jsonl(src,                     # label file (JSONL) written by `label_
     src = Path(src)
     if not src.exists(): raise FileNotFoundError(f"no label file at {src}: run the teacher first (label_samples)")
     dst = Path(dst) if dst is not None else src.with_name('cleaned_' + src.name)
-    with open(src, encoding='utf-8', errors='replace') as f: counts = clean_lines(f, dst, check)
+    with open(src, 'rb') as f: counts = clean_lines(f, dst, check)   # bytes: a line that is not UTF-8 is counted, not garbled
     if verbose:
         dropped = ', '.join(f'{k}={v}' for k, v in counts.items() if v and k != 'kept') or 'nothing'
         print(f"{src.name} → {dst.name}: kept {counts['kept']}, dropped {dropped}")

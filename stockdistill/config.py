@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_config.ipynb #5ffc327c
 from __future__ import annotations
-import argparse, dataclasses, json, os, re
-from dataclasses import dataclass, fields, asdict
+import argparse, dataclasses, importlib, json, os, pkgutil, re
+from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Optional
 from fastcore.basics import patch
 from .rope import ROPE_TYPES   # linear, dynamic, yarn
 
 # %% auto #0
-__all__ = ['ASSETS', 'LORA_TARGETS', 'bundled_codes', 'DistillConfig', 'load_config', 'add_config_args', 'config_from_args',
-           'MissingKeyError', 'api_key']
+__all__ = ['ASSETS', 'LORA_TARGETS', 'TRAIN_DEFAULTS', 'SETTINGS', 'bundled_codes', 'folder_codes', 'DistillConfig', 'slug',
+           'read_config_file', 'load_config', 'import_plugins', 'Registry', 'register_settings', 'add_config_args',
+           'config_from_args', 'MissingKeyError', 'api_key']
 
 # %% ../nbs/00_config.ipynb #262b07e4
 from importlib.resources import files
@@ -24,8 +25,18 @@ def bundled_codes() -> list[str]:
     import csv
     with open(ASSETS/'ashare'/'stocks.csv', encoding='utf-8') as f: return [r['code'] for r in csv.DictReader(f)]
 
+def folder_codes(folder) -> list[str]:
+    "The six-digit codes of the `CODE.csv` files in `folder`, sorted; a clear error when there are none."
+    folder = Path(folder)
+    if not folder.is_dir(): raise FileNotFoundError(f"data_source={str(folder)!r} is not a folder of CODE.csv files")
+    codes = sorted({p.name.split('.')[0] for p in [*folder.glob('*.csv'), *folder.glob('*.csv.gz')]
+                    if re.fullmatch(r'\d{6}', p.name.split('.')[0])})
+    if not codes: raise ValueError(f"data_source={str(folder)!r} holds no CODE.csv file (six-digit name such as 600031.csv)")
+    return codes
+
 # %% ../nbs/00_config.ipynb #b991fc75
 LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+TRAIN_DEFAULTS = dict(lr=1e-4, batch_size=1, grad_accum=4, lora_r=8, lora_dropout=0.05, epochs=1.0)  # the seed's values
 
 @dataclass
 class DistillConfig:
@@ -34,12 +45,11 @@ class DistillConfig:
     run_name:str='default'          # folder name under `runs_dir`
     runs_dir:str='runs'             # parent folder of all runs
     # market data
-    codes:Optional[list]=None       # stock codes; None means every bundled stock
+    codes:Optional[list]=None       # stock codes (repeat --stock); None means every stock of the data source
     data_source:str='bundled'       # 'bundled', 'eastmoney', or a folder of CODE.csv files
     start:Optional[str]=None        # first date of bars to use (YYYY-MM-DD), None for all
     end:Optional[str]=None          # last date of bars to use, None for all
-    summary_days:int=90             # recent days of bars for inference prompts (seed's SUMMARY_DAYS)
-    # dataset
+    # dataset and prompt
     window:int=30                   # trading days in one prompt window
     windows:int=1                   # random windows drawn per stock
     horizon:int=5                   # trading days after a window over which its outcome is measured
@@ -50,36 +60,43 @@ class DistillConfig:
     balance:bool=True               # equalise direction classes in the training split
     overlap:bool=True               # allow windows of one stock to overlap
     indicators:bool=False           # add MA5/MA10/MACD/RSI14 fields to each day in the prompt
-    max_tokens:Optional[int]=None   # prompt token budget; earliest days are dropped to fit
+    max_tokens:Optional[int]=None   # prompt budget in student tokens (characters when no tokenizer is known); earliest days are dropped to fit
+    context:str=''                  # comma-separated context providers whose blocks go before the bars (see 01a_prompt)
     seed:int=0                      # one seed for sampling, initialisation and training
     # teacher
-    teacher:str='rule'              # 'rule', a preset ('deepseek-r1', 'qwen-max', 'gemini' ...), a base URL, or 'hf:<model>'
+    teacher:str='rule'              # comma-separated teacher specs: 'rule', 'rule:<persona>', a preset ('deepseek-r1', 'qwen-max', 'gemini' ...), a base URL, 'hf:<model>'
     teacher_model:Optional[str]=None # model name sent to an API teacher (preset default if None)
     concurrency:int=8               # teacher requests in flight at once
+    timeout:float=120.0             # seconds an API teacher may take for one request
+    max_retries:int=4               # retries of an API request after a timeout, 429, 5xx or malformed reply
+    retry_unparseable:bool=False    # ask the teacher again for prompts whose answer held no JSON
     skip_teacher:bool=False         # reuse existing labels; error if there are none
-    overwrite:bool=False            # relabel and rebuild even if files exist
+    overwrite:bool=False            # relabel every prompt and train anew (old labels stay until new ones replace them)
     # student
     student:str='tiny'              # 'tiny' (embedded), a hub id, or a local model folder
+    method:str='sft'                # training method (registered plug-in): 'sft' and those variants add
     load_in_4bit:Optional[bool]=None # QLoRA; None means 'on when CUDA is available'
-    lora_r:int=8                    # LoRA rank
+    lora_r:Optional[int]=None       # LoRA rank (None: the student's preset, else 8)
     lora_alpha:int=32               # LoRA scaling
-    lora_dropout:float=0.05         # LoRA dropout
-    target_modules:tuple=LORA_TARGETS # modules that get LoRA adapters
+    lora_dropout:Optional[float]=None # LoRA dropout (None: the student's preset, else 0.05)
+    target_modules:tuple=LORA_TARGETS # comma-separated modules that get LoRA adapters
     rope_factor:Optional[float]=None # >1 scales RoPE for long windows
     rope_type:str='linear'          # 'linear', 'dynamic' or 'yarn'
     # training
-    epochs:float=1                  # passes over the training data
+    epochs:Optional[float]=None     # passes over the training data (None: the student's preset, else 1)
     max_steps:int=-1                # >0 overrides epochs
-    batch_size:int=1                # per-device batch
-    grad_accum:int=4                # gradient accumulation steps
-    lr:float=1e-4                   # learning rate
+    batch_size:Optional[int]=None   # per-device training batch (None: the student's preset, else 1)
+    grad_accum:Optional[int]=None   # gradient accumulation steps (None: the student's preset, else 4)
+    lr:Optional[float]=None         # learning rate (None: the student's preset, else 1e-4)
     max_len:int=4096                # training sequence length; longer examples are cut on the right
     out:str='lora_adapter'          # adapter folder, relative to the run folder unless absolute
     # evaluation
     max_new_tokens:int=256          # generation budget per answer
-    gen_batch_size:int=8            # prompts per generate call when evaluating (CPU: larger is faster)
+    gen_batch_size:int=8            # prompts per generate call (CPU: larger is faster)
     eval_limit:Optional[int]=None   # evaluate at most this many validation examples
     embed_model:Optional[str]=None  # sentence-transformers model; None means the bundled all-MiniLM-L6-v2
+    # settings of plug-ins (training methods, context providers …), by field name; see `register_settings`
+    options:dict=field(default_factory=dict) # settings of registered plug-ins (flags of their own)
 
     def __post_init__(self): self.validate()
 
@@ -93,6 +110,7 @@ def validate(self:DistillConfig):
         if not re.fullmatch(r'\d{6}', c): raise ValueError(f"codes: {c!r} is not a six-digit stock code")
     if isinstance(self.target_modules, str): self.target_modules = tuple(m.strip() for m in self.target_modules.split(','))
     self.target_modules = tuple(self.target_modules)
+    pos = lambda v: v is None or v > 0
     checks = [('window', self.window >= 1, 'must be at least 1 trading day'),
               ('windows', self.windows >= 1, 'must be at least 1 window per stock'),
               ('horizon', self.horizon >= 1, 'must be at least 1 trading day'),
@@ -100,19 +118,44 @@ def validate(self:DistillConfig):
               ('split', self.split in ('time', 'random'), "must be 'time' or 'random'"),
               ('val_ratio', 0 <= self.val_ratio < 1, 'must be in [0, 1)'),
               ('test_ratio', 0 <= self.test_ratio < 1 and self.val_ratio + self.test_ratio < 1, 'must be in [0, 1) and leave room for training'),
-              ('max_tokens', self.max_tokens is None or self.max_tokens > 0, 'must be positive'),
+              ('max_tokens', pos(self.max_tokens), 'must be positive'),
+              ('teacher', bool(self.teachers), 'must name at least one teacher'),
               ('concurrency', self.concurrency >= 1, 'must be at least 1'),
+              ('timeout', self.timeout > 0, 'must be positive seconds'),
+              ('max_retries', self.max_retries >= 0, 'must be >= 0'),
               ('rope_factor', self.rope_factor is None or self.rope_factor > 1,
                'must be > 1: a factor <= 1 would shrink or keep the context, so leave it unset for no scaling'),
               ('rope_type', self.rope_type in ROPE_TYPES, "must be 'linear', 'dynamic' or 'yarn'"),
               ('max_len', self.max_len > 0, 'must be positive'),
-              ('epochs', self.epochs > 0, 'must be positive'),
+              ('epochs', pos(self.epochs), 'must be positive'),
+              ('batch_size', pos(self.batch_size), 'must be at least 1'),
+              ('grad_accum', pos(self.grad_accum), 'must be at least 1'),
+              ('lr', pos(self.lr), 'must be positive'),
+              ('lora_r', pos(self.lora_r), 'must be at least 1'),
+              ('max_new_tokens', self.max_new_tokens >= 1, 'must be at least 1'),
               ('gen_batch_size', self.gen_batch_size >= 1, 'must be at least 1'),
+              ('eval_limit', pos(self.eval_limit), 'must be positive'),
               ('skip_teacher', not (self.skip_teacher and self.overwrite), 'cannot be combined with overwrite')]
     for name, ok, why in checks:
         if not ok: raise ValueError(f"{name}={getattr(self, name)!r} {why}")
 
+@patch(as_prop=True)
+def teachers(self:DistillConfig) -> list[str]:
+    "The teacher specs of this run, in order (the first one teaches the run's own adapter)."
+    return [t.strip() for t in str(self.teacher or '').split(',') if t.strip()]
+
+@patch(as_prop=True)
+def contexts(self:DistillConfig) -> list[str]:
+    "The context providers whose blocks this run's prompts carry, in order."
+    return [c.strip() for c in str(self.context or '').split(',') if c.strip()]
+
 # %% ../nbs/00_config.ipynb #d1044bad
+def slug(name:str) -> str:
+    "A file-system-safe form of a teacher or model name: `deepseek-r1:deepseek-r1-250528` -> `deepseek-r1_deepseek-r1-250528`."
+    s = re.sub(r'[^A-Za-z0-9.-]+', '_', str(name)).strip('_.')
+    if not s: raise ValueError(f"{name!r} gives no usable folder name")
+    return s
+
 @patch(as_prop=True)
 def run_dir(self:DistillConfig) -> Path:
     "The folder of this run: `runs_dir/run_name`."
@@ -126,15 +169,63 @@ def path(self:DistillConfig, name:str) -> Path:
 
 @patch(as_prop=True)
 def stock_codes(self:DistillConfig) -> list[str]:
-    "The configured codes, or every bundled stock when none are set."
-    return [str(c).zfill(6) for c in self.codes] if self.codes else bundled_codes()
+    "The configured codes, else every stock of the data source (bundled, or the CSV folder)."
+    if self.codes: return [str(c).zfill(6) for c in self.codes]
+    return bundled_codes() if self.data_source in ('bundled', 'eastmoney') else folder_codes(self.data_source)
+
+# %% ../nbs/00_config.ipynb #9c1a7d55
+def _pre(split:str) -> str: return '' if split == 'train' else f'{split}_'
+
+@patch
+def prompts_file(self:DistillConfig, split:str) -> Path:
+    "The prompts of `split`: `prompts_<split>.jsonl`."
+    return self.path(f'prompts_{split}.jsonl')
+
+@patch
+def teacher_dir(self:DistillConfig, teacher:str) -> Path:
+    "The folder of one teacher's labels (`teacher` is its name, as labels record it)."
+    return self.path('teachers')/slug(teacher)
+
+@patch
+def labels_file(self:DistillConfig, split:str, teacher:str) -> Path:
+    "Every answer of `teacher` for `split`: the seed's `labeled_data.jsonl` / `val_labeled_data.jsonl`."
+    return self.teacher_dir(teacher)/f'{_pre(split)}labeled_data.jsonl'
+
+@patch
+def cleaned_file(self:DistillConfig, split:str, teacher:str) -> Path:
+    "The cleaned labels of `teacher` for this run's prompts of `split`, which training and evaluation read."
+    return self.teacher_dir(teacher)/f'cleaned_{_pre(split)}labeled_data.jsonl'
+
+@patch
+def label_summary_file(self:DistillConfig, teacher:str) -> Path:
+    "Counts of `teacher`'s labelling (answers, errors, unparseable, dropped by reason) per split."
+    return self.teacher_dir(teacher)/'label_summary.json'
+
+@patch(as_prop=True)
+def adapter_dir(self:DistillConfig) -> Path:
+    "The adapter folder (`out`)."
+    return self.path(self.out)
+
+_FILES = dict(config_file='config.json', dataset_stats_file='dataset_stats.json', checkpoints_dir='checkpoints',
+              metrics_file='metrics.json', report_file='report.html', tiny_base_dir='tiny_base')
+for _n, _f in _FILES.items():
+    setattr(DistillConfig, _n, property(lambda self, _f=_f: self.path(_f), doc=f"`{_f}` in the run folder."))
 
 # %% ../nbs/00_config.ipynb #e8ed710e
+SETTINGS = {}   # name -> dataclass of a plug-in's own settings (see `register_settings`)
+
+def _plugin_fields() -> dict:
+    "Field name -> (settings class, dataclass field) of every registered plug-in setting."
+    return {f.name: (c, f) for c in SETTINGS.values() for f in fields(c)}
+
 @patch
 def replace(self:DistillConfig, **kwargs) -> DistillConfig:
-    "A copy of this config with `kwargs` changed; unknown names are an error."
+    "A copy of this config with `kwargs` changed; plug-in settings go to `options`; unknown names are an error."
     known = {f.name for f in fields(DistillConfig)}
-    if unknown := sorted(set(kwargs) - known): raise TypeError(f"unknown config field(s): {', '.join(unknown)}")
+    plug = {k: kwargs.pop(k) for k in list(kwargs) if k not in known and k in _plugin_fields()}
+    if unknown := sorted(set(kwargs) - known):
+        raise TypeError(f"unknown config field(s): {', '.join(unknown)}")
+    if plug: kwargs['options'] = {**kwargs.get('options', self.options), **plug}
     return dataclasses.replace(self, **kwargs)
 
 @patch
@@ -152,13 +243,87 @@ def save(self:DistillConfig, fname:str='config.json') -> Path:
     p.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2), encoding='utf-8')
     return p
 
-def load_config(path) -> DistillConfig:
-    "Read a `config.json` written by `DistillConfig.save`."
-    d = json.loads(Path(path).read_text(encoding='utf-8'))
-    return DistillConfig().replace(**d)
+def read_config_file(path) -> dict:
+    "The settings in a JSON or YAML file (e.g. a run's `config.json`), as a dict; a clear error naming the file."
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f"config file {p} does not exist")
+    text = p.read_text(encoding='utf-8')
+    try:
+        if p.suffix.lower() in ('.yaml', '.yml'):
+            import yaml
+            d = yaml.safe_load(text)
+        else: d = json.loads(text)
+    except Exception as e: raise ValueError(f"config file {p}: cannot parse it ({type(e).__name__}: {e})") from None
+    if d is None: d = {}
+    if not isinstance(d, dict): raise ValueError(f"config file {p}: expected a mapping of setting -> value, got {type(d).__name__}")
+    return {k.replace('-', '_'): v for k, v in d.items()}
+
+def load_config(path, # a JSON or YAML file of settings, e.g. `runs/<run>/config.json`
+                **overrides) -> DistillConfig: # fields to change after reading
+    "The config a file describes (unknown keys are an error naming them), with `overrides` applied."
+    d = read_config_file(path)
+    try: return DistillConfig().replace(**d).replace(**overrides)
+    except TypeError as e: raise ValueError(f"config file {path}: {e}") from None
+
+# %% ../nbs/00_config.ipynb #7e2c4d10
+_IMPORTED = False
+
+def import_plugins():
+    "Import every module of the package once, so each registers its plug-ins."
+    global _IMPORTED
+    if _IMPORTED: return
+    import stockdistill
+    for m in pkgutil.iter_modules(stockdistill.__path__):
+        if not m.name.startswith('_'): importlib.import_module(f'stockdistill.{m.name}')
+    _IMPORTED = True
+
+class Registry:
+    "Named plug-ins of one kind (training methods, teachers, context providers) that modules register on import."
+    def __init__(self, kind:str): self.kind, self.items = kind, {}
+
+    def register(self, name:str, obj=None):
+        "Register `obj` as `name` (usable as a decorator); a second, different registration of a name is an error."
+        def deco(o):
+            if name in self.items and self.items[name] is not o and getattr(self.items[name], '__qualname__', 1) != getattr(o, '__qualname__', 2):
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self.items[name] = o
+            return o
+        return deco if obj is None else deco(obj)
+
+    def get(self, name:str):
+        "The plug-in `name`, importing the package's modules once if it is not known yet."
+        if name not in self.items: import_plugins()
+        if name not in self.items:
+            raise ValueError(f"unknown {self.kind} {name!r}: use one of {', '.join(self.names()) or '(none registered)'}")
+        return self.items[name]
+
+    def names(self) -> list[str]:
+        "Every registered name, after importing the package's modules."
+        import_plugins()
+        return sorted(self.items)
+
+    def __contains__(self, name): return name in self.items
+    def __repr__(self): return f"Registry({self.kind!r}: {', '.join(sorted(self.items))})"
+
+def register_settings(cls):
+    "Register a plug-in's settings dataclass: its fields become flags and config keys (stored in `options`)."
+    core = {f.name for f in fields(DistillConfig)}
+    other = {n: c.__name__ for n, (c, _) in _plugin_fields().items() if c.__name__ != cls.__name__}
+    for f in fields(cls):
+        if f.name in core: raise ValueError(f"{cls.__name__}.{f.name} clashes with the DistillConfig field of that name")
+        if f.name in other: raise ValueError(f"{cls.__name__}.{f.name} clashes with {other[f.name]}.{f.name}")
+    SETTINGS[cls.__name__] = cls
+    return cls
+
+@patch
+def settings(self:DistillConfig, cls):
+    "The settings of plug-in class `cls` in this config (defaults for those not set)."
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in self.options.items() if k in names})
 
 # %% ../nbs/00_config.ipynb #f052c6cf
 _FLAG_ALIASES = {'codes': ['--stock', '--codes']}
+_HINTS = {'int': int, 'float': float, 'str': str}
 
 def _parse_opt(typ):
     "A converter for an `Optional[...]` field given as text."
@@ -167,29 +332,48 @@ def _parse_opt(typ):
         return typ(s)
     return conv
 
-def add_config_args(parser:argparse.ArgumentParser, # parser to add the flags to
-                    base:DistillConfig=None):         # config whose values are the defaults
-    "Add one flag per `DistillConfig` field to `parser`."
-    base = base or DistillConfig()
-    hints = {'int': int, 'float': float, 'str': str}
-    for f in fields(DistillConfig):
+def _help(doc:str, default) -> str:
+    "A flag's help: the field's comment and its default (argparse's `%` escaped)."
+    shown = ','.join(default) if isinstance(default, tuple) else default
+    return f"{doc} (default: {shown})".replace('%', '%%')
+
+def _add_fields(parser, dc_fields, docs:dict, base):
+    "One flag per dataclass field; defaults are SUPPRESSed so parsing returns only the flags given."
+    for f in dc_fields:
+        if f.name == 'options': continue
         flags = _FLAG_ALIASES.get(f.name, ['--' + f.name.replace('_', '-')])
-        default = getattr(base, f.name)
+        default = base.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(docs.get(f.name) or f.name.replace('_', ' '), default))
         t = str(f.type)
-        if t in ('bool', 'Optional[bool]'): parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == 'codes': parser.add_argument(*flags, dest=f.name, action='append', default=None, help='stock code (repeatable)')
-        elif f.name == 'target_modules': parser.add_argument(*flags, dest=f.name, default=default, help='comma-separated module names')
-        elif t.startswith('Optional['): parser.add_argument(*flags, dest=f.name, type=_parse_opt(hints.get(t[9:-1], str)), default=default)
-        else: parser.add_argument(*flags, dest=f.name, type=hints.get(t, str), default=default)
+        if t in ('bool', 'Optional[bool]'): parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == 'codes': parser.add_argument(*flags, action='append', metavar='CODE', **kw)
+        elif t.startswith('Optional['): parser.add_argument(*flags, type=_parse_opt(_HINTS.get(t[9:-1], str)), **kw)
+        else: parser.add_argument(*flags, type=_HINTS.get(t, str), **kw)
+
+def add_config_args(parser:argparse.ArgumentParser, # parser to add the flags to
+                    base:DistillConfig=None,          # config whose values are shown as the defaults
+                    plugins:bool=True):               # also the flags of registered plug-in settings
+    "Add `--config` and one flag per `DistillConfig` field (and per plug-in setting) to `parser`."
+    from fastcore.docments import docments
+    base = base or DistillConfig()
+    parser.add_argument('--config', metavar='FILE', default=None,
+                        help='JSON or YAML file of settings (e.g. a run\'s config.json); flags given here win over it')
+    _add_fields(parser.add_argument_group('run settings'), fields(DistillConfig), docments(DistillConfig), base.to_dict())
+    if plugins:
+        import_plugins()
+        for name, cls in sorted(SETTINGS.items()):
+            g = parser.add_argument_group(f"{name}: {(cls.__doc__ or '').strip()}")
+            _add_fields(g, fields(cls), docments(cls), base.options)
     return parser
 
-def config_from_args(args:argparse.Namespace, # parsed flags
+def config_from_args(args:argparse.Namespace, # parsed flags (only those given are set, see `add_config_args`)
                      base:DistillConfig=None) -> DistillConfig:
-    "Build the config from parsed flags, keeping `base` values for flags not given."
-    base = base or DistillConfig()
-    d = {f.name: getattr(args, f.name) for f in fields(DistillConfig) if hasattr(args, f.name)}
-    if d.get('codes') is None: d['codes'] = base.codes
-    return base.replace(**d)
+    "The config of `base`, then the `--config` file, then the flags given."
+    cfg = base or DistillConfig()
+    given = {k: v for k, v in vars(args).items() if k != 'config'}
+    if getattr(args, 'config', None): cfg = load_config(args.config)
+    known = {f.name for f in fields(DistillConfig)} | set(_plugin_fields())
+    return cfg.replace(**{k: v for k, v in given.items() if k in known})
 
 # %% ../nbs/00_config.ipynb #917c75ba
 class MissingKeyError(RuntimeError): "An API key the chosen teacher needs is not set in the environment."

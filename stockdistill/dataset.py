@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import tempfile
 import warnings
 from collections import Counter
@@ -16,93 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .config import DistillConfig
-from .data import load_bars, stock_names, add_indicators
+from .data import load_bars, stock_names
+from .prompt import window_prompt, context_blocks, TEMPLATE_VERSION
 
 # %% auto #0
-__all__ = ['TEMPLATE_VERSION', 'INSTRUCTION', 'PRICE_FIELDS', 'INDICATOR_DECIMALS', 'DIRECTIONS', 'SPLITS', 'SPLIT_COLORS',
-           'day_objects', 'window_change', 'format_change', 'make_prompt', 'parse_prompt', 'window_outcome',
-           'window_slice', 'stock_rng', 'draw_starts', 'split_periods', 'allocate', 'draw_windows', 'count_tokens',
-           'fit_prompt', 'record_id', 'make_record', 'class_counts', 'balance_classes', 'write_jsonl', 'read_jsonl',
-           'build_dataset', 'plot_windows', 'build_dataset_from_config']
-
-# %% ../nbs/02_dataset.ipynb #2052fb2e
-TEMPLATE_VERSION = 1
-INSTRUCTION = "请预测后市走势，给出简短分析和操作建议，并以 JSON 格式回复，包括 'prediction', 'analysis', 'advice' 三个字段。"
-PRICE_FIELDS = ('open', 'close', 'high', 'low')
-INDICATOR_DECIMALS = {'ma5': 2, 'ma10': 2, 'dif': 3, 'dea': 3, 'macd': 3, 'rsi14': 2} # prompt field -> decimals
-
-def _num(x, nd:int):
-    "`x` rounded to `nd` decimals as a plain float, `None` for NaN (JSON `null`)."
-    x = float(x)
-    if math.isnan(x): return None
-    x = round(x, nd)
-    return 0.0 if x == 0 else x
-
-def day_objects(window_bars:pd.DataFrame, # bars of the window, oldest first
-                indicators:bool=False):   # add the `INDICATOR_DECIMALS` fields
-    "The list of per-day dicts that the prompt shows."
-    cols = ['date', *PRICE_FIELDS, 'volume'] + (list(INDICATOR_DECIMALS) if indicators else [])
-    if missing := [c for c in cols if c not in window_bars.columns]:
-        hint = ' (compute them on the history up to the window end with `window_slice(..., indicators=True)`)' if indicators else ''
-        raise ValueError(f"bars lack column(s) {', '.join(missing)}{hint}")
-    col = {c: window_bars[c].tolist() for c in cols}
-    days = []
-    for i, date in enumerate(col['date']):
-        d = {'date': pd.Timestamp(date).strftime('%Y-%m-%d')}
-        for c in PRICE_FIELDS:
-            v = _num(col[c][i], 2)
-            if v is None or v <= 0: raise ValueError(f"{c}={col[c][i]!r} on {d['date']} is not a positive price")
-            d[c] = v
-        d['volume'] = int(col['volume'][i])
-        for c, nd in (INDICATOR_DECIMALS.items() if indicators else ()): d[c] = _num(col[c][i], nd)
-        days.append(d)
-    return days
-
-# %% ../nbs/02_dataset.ipynb #9e5364f9
-def window_change(window_bars:pd.DataFrame) -> float:
-    "Close-to-close change over the window, in percent: last close / first close - 1."
-    c = window_bars['close']
-    return (float(c.iloc[-1])/float(c.iloc[0]) - 1)*100
-
-def format_change(change_pct:float) -> str:
-    "`change_pct` as the prompt shows it: sign, 2 decimals, percent sign (never `-0.00%`)."
-    v = round(float(change_pct), 2)
-    return f"{0.0 if v == 0 else v:+.2f}%"
-
-# %% ../nbs/02_dataset.ipynb #4370c54e
-def make_prompt(code:str,                    # six-digit stock code
-                window_bars:pd.DataFrame,     # the days to show, oldest first
-                change_pct:float=None,        # change to show; None computes `window_change(window_bars)`
-                indicators:bool=False) -> str: # add MA5/MA10/MACD/RSI14 fields to each day
-    "The seed's prompt for one window of bars."
-    if len(window_bars) == 0: raise ValueError(f"no bars to put in a prompt for {code}")
-    days = [json.dumps(d, ensure_ascii=False) for d in day_objects(window_bars, indicators)]
-    return _assemble(code, days, window_change(window_bars) if change_pct is None else change_pct)
-
-def _assemble(code:str, days:list, change_pct:float) -> str:
-    "The prompt text from the JSON strings of its days."
-    return f"股票 {code} 近{len(days)}日K线数据: [ {', '.join(days)} ]\n涨跌幅: {format_change(change_pct)}。{INSTRUCTION}"
-
-# %% ../nbs/02_dataset.ipynb #0c8f1895
-_PROMPT_RE = re.compile(r"股票 (?P<code>\S+) 近(?P<n>\d+)日K线数据: (?P<days>\[[^\n]*\])\n涨跌幅: (?P<change>[+-]?\d+(?:\.\d+)?)%。")
-
-def parse_prompt(prompt:str): # a prompt made by `make_prompt`
-    "Invert `make_prompt`: `(code, bars, change_pct)`; bars has date/open/close/high/low/volume (+ indicator columns)."
-    m = _PROMPT_RE.match(prompt.strip())
-    if m is None:
-        head = prompt.strip()[:40]
-        if not prompt.strip().startswith('股票 '): why = "it does not start with '股票 <code> 近N日K线数据: ['"
-        elif '\n涨跌幅: ' not in prompt: why = "it has no '涨跌幅: X%。' line after the days"
-        else: why = 'its header or change line is malformed'
-        raise ValueError(f"not a stockdistill prompt ({why}): {head!r}...")
-    try: days = json.loads(m['days'])
-    except json.JSONDecodeError as e: raise ValueError(f"the day list of the prompt for {m['code']} is not valid JSON: {e}") from None
-    if len(days) != int(m['n']): raise ValueError(f"the prompt says 近{m['n']}日 but lists {len(days)} days")
-    df = pd.DataFrame(days)
-    df['date'] = pd.to_datetime(df['date'])
-    for c in df.columns.drop(['date', 'volume']): df[c] = pd.to_numeric(df[c], errors='coerce').astype('float64')
-    df['volume'] = df['volume'].astype('int64')
-    return m['code'], df, float(m['change'])
+__all__ = ['DIRECTIONS', 'SPLITS', 'SPLIT_COLORS', 'window_outcome', 'stock_rng', 'draw_starts', 'split_periods', 'allocate',
+           'draw_windows', 'record_id', 'make_record', 'class_counts', 'balance_classes', 'replace_atomically',
+           'write_jsonl', 'read_jsonl', 'build_dataset', 'plot_windows']
 
 # %% ../nbs/02_dataset.ipynb #2941df41
 DIRECTIONS = ('up', 'down', 'flat')
@@ -118,17 +37,6 @@ def window_outcome(bars:pd.DataFrame,     # all bars of the stock, sorted by dat
     fr = round((float(close.iloc[end + horizon])/float(close.iloc[end]) - 1)*100, 4)
     direction = 'up' if fr > flat_band else 'down' if fr < -flat_band else 'flat'
     return {'forward_return': fr, 'direction': direction, 'horizon': horizon}
-
-# %% ../nbs/02_dataset.ipynb #5ac0bea2
-def window_slice(bars:pd.DataFrame,   # all bars of the stock, sorted by date
-                 start:int,           # row position of the first day
-                 end:int,             # row position of the last day (inclusive)
-                 indicators:bool=False) -> pd.DataFrame: # add indicator columns, from history up to `end` only
-    "The bars of one window, optionally with indicators computed on `bars[:end+1]`."
-    if not 0 <= start <= end < len(bars): raise ValueError(f"window rows {start}..{end} are outside 0..{len(bars)-1}")
-    hist = bars.iloc[:end + 1]
-    if indicators: hist = add_indicators(hist)
-    return hist.iloc[start:].reset_index(drop=True)
 
 # %% ../nbs/02_dataset.ipynb #3875e35d
 def stock_rng(code:str, seed:int=0) -> np.random.Generator:
@@ -205,53 +113,11 @@ def draw_windows(code:str,                   # stock code (seeds its generator)
             out += [(sp, st, st + window - 1) for st in draw_starts(first, min(last, last_start), counts[sp], window, rng, overlap)]
     return out, windows - len(out)
 
-# %% ../nbs/02_dataset.ipynb #cef59fe0
-def count_tokens(text:str, tokenizer=None) -> int:
-    "Tokens of `text` under an HF `tokenizer`, or its characters when there is none."
-    return len(text) if tokenizer is None else len(tokenizer(text)['input_ids'])
-
-def fit_prompt(code:str,                   # stock code
-               window_bars:pd.DataFrame,   # the window's bars, oldest first
-               max_tokens:int=None,        # budget; None keeps every day
-               tokenizer=None,             # HF tokenizer; None counts characters
-               indicators:bool=False) -> tuple: # add indicator fields
-    "`(prompt, n_days)`: the prompt of the longest tail of the window that fits in `max_tokens`."
-    n = len(window_bars)
-    days = [json.dumps(d, ensure_ascii=False) for d in day_objects(window_bars, indicators)]  # rendered once
-    close = window_bars['close'].astype('float64').to_numpy()
-    make = lambda k: _assemble(code, days[n - k:], (close[-1]/close[n - k] - 1)*100)
-    if max_tokens is None: return make(n), n
-    full = count_tokens(p := make(n), tokenizer)
-    if full <= max_tokens: return p, n
-    fits = lambda k: count_tokens(make(k), tokenizer) <= max_tokens
-    lo, hi = 0, n  # lo: most days known to fit (0: none yet), hi: fewest days known not to fit
-    g, step = max(1, min(n - 1, n*max_tokens//full)), 1  # guess from the share of the budget, then gallop
-    if fits(g):
-        lo = g
-        while lo + step < hi:
-            if not fits(lo + step): hi = lo + step; break
-            lo, step = lo + step, step*2
-    else:
-        hi = g
-        while hi - step > 0:
-            if fits(hi - step): lo = hi - step; break
-            hi, step = hi - step, step*2
-    while hi - lo > 1:
-        mid = (lo + hi)//2
-        if fits(mid): lo = mid
-        else: hi = mid
-    if lo == 0:
-        d = window_bars['date']
-        unit = 'characters' if tokenizer is None else 'tokens'
-        raise ValueError(f"max_tokens={max_tokens} is too small: the prompt for {code} (window "
-                         f"{d.iloc[0]:%Y-%m-%d}..{d.iloc[-1]:%Y-%m-%d}) takes {count_tokens(make(1), tokenizer)} {unit} "
-                         "with only its last day")
-    return make(lo), lo
-
 # %% ../nbs/02_dataset.ipynb #9b03626a
-def record_id(code:str, start:str, end:str, indicators:bool=False) -> str:
-    "Stable 16-hex id of a window's prompt."
-    return hashlib.sha1(f"{code}|{start}|{end}|v{TEMPLATE_VERSION}|{'ind' if indicators else 'plain'}".encode()).hexdigest()[:16]
+def record_id(code:str, start:str, end:str, indicators:bool=False, context:tuple=()) -> str:
+    "Stable 16-hex id of a window's prompt (context blocks, when there are any, are part of it)."
+    ctx = '|ctx:' + hashlib.sha1('\n'.join(context).encode()).hexdigest()[:12] if context else ''
+    return hashlib.sha1(f"{code}|{start}|{end}|v{TEMPLATE_VERSION}|{'ind' if indicators else 'plain'}{ctx}".encode()).hexdigest()[:16]
 
 def make_record(code:str,                # stock code
                 bars:pd.DataFrame,       # all bars of the stock, sorted by date
@@ -263,14 +129,15 @@ def make_record(code:str,                # stock code
                 flat_band:float=1.0,     # flat band, percent
                 indicators:bool=False,   # indicator fields in the prompt
                 max_tokens:int=None,     # prompt budget
-                tokenizer=None) -> dict: # tokenizer for the budget
+                tokenizer=None,          # tokenizer for the budget
+                context:tuple=()) -> dict: # context blocks before the bars
     "The record of one window: id, code, name, dates, prompt, n_days, split and outcome."
-    wb = window_slice(bars, start, end, indicators)
-    prompt, n_days = fit_prompt(code, wb, max_tokens, tokenizer, indicators)
-    s, e = (f"{d:%Y-%m-%d}" for d in (wb['date'].iloc[-n_days], wb['date'].iloc[-1]))
-    return {'id': record_id(code, s, e, indicators), 'code': code, 'name': name, 'start': s, 'end': e,
-            'prompt': prompt, 'n_days': n_days, 'split': split,
-            'outcome': window_outcome(bars, end, horizon, flat_band)}
+    prompt, shown = window_prompt(code, bars, start, end, indicators, max_tokens, tokenizer, context)
+    s, e = (f"{d:%Y-%m-%d}" for d in (shown['date'].iloc[0], shown['date'].iloc[-1]))
+    rec = {'id': record_id(code, s, e, indicators, tuple(context)), 'code': code, 'name': name, 'start': s, 'end': e,
+           'prompt': prompt, 'n_days': len(shown), 'split': split, 'outcome': window_outcome(bars, end, horizon, flat_band)}
+    if context: rec['context'] = list(context)
+    return rec
 
 # %% ../nbs/02_dataset.ipynb #69f8e16c
 def class_counts(records:list) -> dict:
@@ -293,26 +160,35 @@ def balance_classes(records:list, # records of one split
     return [records[i] for i in keep]
 
 # %% ../nbs/02_dataset.ipynb #eb13c2f1
-def write_jsonl(path, # file to (over)write
-                records) -> Path: # iterable of JSON-able dicts
-    "Write `records` one JSON object per line, atomically (temp file + rename)."
+def replace_atomically(path, write) -> Path:
+    "Write `path` through a temporary file in its folder (`write(file)` fills it), then rename; the umask sets its mode."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            for r in records: f.write(json.dumps(r, ensure_ascii=False) + '\n')
+        with os.fdopen(fd, 'w', encoding='utf-8') as f: write(f)
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)     # mkstemp makes 0600; a plain open() would give 0666 minus the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
+def write_jsonl(path, # file to (over)write
+                records) -> Path: # iterable of JSON-able dicts
+    "Write `records` one JSON object per line, atomically (temp file + rename)."
+    def write(f):
+        for r in records: f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    return replace_atomically(path, write)
+
 def read_jsonl(path) -> list: # a JSON Lines file
-    "The records of a JSON Lines file (blank lines skipped)."
+    "The records of a JSON Lines file (blank lines skipped); a line that is not UTF-8 JSON is an error naming it."
     out = []
-    with open(path, encoding='utf-8') as f:
-        for i, line in enumerate(f, 1):
+    with open(path, 'rb') as f:
+        for i, raw in enumerate(f, 1):
+            try: line = raw.decode('utf-8')
+            except UnicodeDecodeError as e: raise ValueError(f"{path}:{i}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip(): continue
             try: out.append(json.loads(line))
             except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
@@ -326,74 +202,77 @@ def _summary(stats:dict) -> str:
              + ''.join(f", {sp} from {stats['periods'][sp][0]}" for sp in ('val', 'test') if stats['split'] == 'time' and stats['periods'][sp][0])]
     if stats['no_room']: lines.append(f"{stats['no_room']} window(s) had no room in their period and were not drawn")
     if stats['skipped_stocks']: lines.append(f"skipped stocks: {stats['skipped_stocks']}")
+    if d := stats.get('bars_dropped'):
+        lines.append(f"{sum(sum(r.values()) for r in d.values())} invalid bar(s) dropped: "
+                     + '; '.join(f"{c} " + ', '.join(f"{k}={v}" for k, v in r.items()) for c, r in d.items()))
     fmt = lambda c: ', '.join(f"{k} {v}" for k, v in c.items())
     lines.append(f"train classes before balancing: {fmt(stats['classes_before']['train'])}"
                  + (f"; after: {fmt(stats['classes_after']['train'])}" if stats['balance'] else ' (not balanced)'))
     if stats['trimmed']: lines.append(f"{stats['trimmed']} prompt(s) lost early days to max_tokens={stats['max_tokens']} ({stats['counted']})")
     return '\n'.join(lines)
 
-def build_dataset(codes=None,               # stock codes; None means every bundled stock
-                  windows:int=1,            # windows per stock
-                  window:int=30,            # trading days per window
-                  horizon:int=5,            # trading days after a window for its outcome
-                  val_ratio:float=0.2,      # validation share
-                  test_ratio:float=0.0,     # test share
-                  split:str='time',         # 'time' (leak-free) or 'random' (the seed's; leaks, warns)
-                  balance:bool=True,        # equalise up/down/flat in train by downsampling
-                  overlap:bool=True,        # allow one stock's windows to share days
-                  indicators:bool=False,    # MA5/MA10/MACD/RSI14 fields in the prompt
-                  max_tokens:int=None,      # prompt budget (earliest days dropped to fit)
-                  tokenizer=None,           # HF tokenizer for the budget; None counts characters
-                  flat_band:float=1.0,      # |forward return| <= this many percent is 'flat'
-                  seed:int=0,               # seed for windows, split allocation and balancing
-                  source:str='bundled',     # where `load_bars` reads: 'bundled', 'eastmoney' or a CSV folder
-                  start=None,               # first date of bars to use
-                  end=None,                 # last date of bars to use
-                  out_dir=None,             # folder for prompts_*.jsonl and dataset_stats.json
+def _dropped_bars(report, codes) -> dict:
+    "Bars dropped by validation, per stock and reason (only stocks that lost any)."
+    out = {}
+    for name, e in report.entries.items():
+        code = next((c for c in codes if c == name or Path(str(name)).name.split('.')[0] == c), str(name))
+        if r := {k: v for k, v in e.items() if k not in ('read', 'kept') and v}: out[code] = r
+    return out
+
+def build_dataset(cfg:DistillConfig=None,   # run settings (windows, window, split, prompt options, data source …)
+                  tokenizer=None,           # student tokenizer that counts `max_tokens` (None: characters)
                   bars:dict=None,           # bars by code, instead of loading them
-                  verbose:bool=True) -> dict: # print a short summary
+                  write:bool=False,         # write the prompts and stats into the run folder
+                  out_dir=None,             # or into this folder (same file names)
+                  verbose:bool=True,        # print a short summary
+                  **kwargs) -> dict:        # DistillConfig fields, for a call without a config
     "Windows of every stock as prompt records, split by time: `{'train', 'val', 'test', 'stats'}`."
-    if bars is not None and codes is None: codes = list(bars)
-    cfg = DistillConfig(codes=codes, windows=windows, window=window, horizon=horizon, val_ratio=val_ratio,
-                        test_ratio=test_ratio, split=split, balance=balance, overlap=overlap, indicators=indicators,
-                        max_tokens=max_tokens, flat_band=flat_band, seed=seed, data_source=source, start=start, end=end)
+    if bars is not None and kwargs.get('codes') is None and (cfg is None or cfg.codes is None): kwargs['codes'] = list(bars)
+    cfg = (cfg or DistillConfig()).replace(**kwargs)
     codes = cfg.stock_codes
-    if split == 'random':
+    if cfg.split == 'random':
         warnings.warn("split='random' leaks future information: validation windows sit between training windows whose "
                       "outcomes already cover their days; use split='time' for an honest evaluation")
-    if bars is None: bars = load_bars(codes, source=source, start=start, end=end)
+    dropped = {}
+    if bars is None:
+        bars, rep = load_bars(codes, source=cfg.data_source, start=cfg.start, end=cfg.end, report=True)
+        dropped = _dropped_bars(rep, codes)
     else: bars = {c: bars[c].sort_values('date').reset_index(drop=True) for c in codes}
     calendar = pd.DatetimeIndex(np.unique(np.concatenate([b['date'].values for b in bars.values()])))
     names = stock_names()   # '' below for a code that is not bundled
-    if max_tokens is not None and tokenizer is None and verbose:
-        print(f"max_tokens={max_tokens}: no tokenizer given, so prompt length is counted in characters")
+    if cfg.max_tokens is not None and tokenizer is None and verbose:
+        print(f"max_tokens={cfg.max_tokens}: no tokenizer given, so prompt length is counted in characters")
     out = {s: [] for s in SPLITS}
     skipped, no_room = {}, 0
     for code in codes:
         b = bars[code]
-        if len(b) < window + horizon:
-            skipped[code] = f"{len(b)} bars < window + horizon = {window + horizon}"
+        if len(b) < cfg.window + cfg.horizon:
+            skipped[code] = f"{len(b)} bars < window + horizon = {cfg.window + cfg.horizon}"
             continue
-        ws, lost = draw_windows(code, b, calendar, windows, window, horizon, val_ratio, test_ratio, split, overlap, seed)
+        ws, lost = draw_windows(code, b, calendar, cfg.windows, cfg.window, cfg.horizon, cfg.val_ratio, cfg.test_ratio,
+                                cfg.split, cfg.overlap, cfg.seed)
         no_room += lost
         for sp, st, en in ws:
-            out[sp].append(make_record(code, b, st, en, sp, names.get(code, ''), horizon, flat_band, indicators, max_tokens, tokenizer))
-    if not any(out.values()): raise ValueError(f"no window of {window}+{horizon} days fits in any stock: {skipped}")
+            ctx = tuple(context_blocks(cfg, code, b['date'].iloc[en]))
+            out[sp].append(make_record(code, b, st, en, sp, names.get(code, ''), cfg.horizon, cfg.flat_band,
+                                       cfg.indicators, cfg.max_tokens, tokenizer, ctx))
+    if not any(out.values()): raise ValueError(f"no window of {cfg.window}+{cfg.horizon} days fits in any stock: {skipped}")
     for sp in SPLITS: out[sp].sort(key=lambda r: (r['end'], r['code'], r['start']))
     before = {sp: class_counts(out[sp]) for sp in SPLITS}
-    if balance: out['train'] = balance_classes(out['train'], seed)
-    periods = split_periods(calendar, val_ratio, test_ratio)
+    if cfg.balance: out['train'] = balance_classes(out['train'], cfg.seed)
+    periods = split_periods(calendar, cfg.val_ratio, cfg.test_ratio)
     day = lambda i: f"{calendar[min(i, len(calendar) - 1)]:%Y-%m-%d}" if i < len(calendar) else None
-    stats = {'stocks': len(codes) - len(skipped), 'split': split, 'windows': {sp: len(out[sp]) for sp in SPLITS},
+    stats = {'stocks': len(codes) - len(skipped), 'split': cfg.split, 'windows': {sp: len(out[sp]) for sp in SPLITS},
              'periods': {sp: [day(lo), day(hi - 1) if hi > lo else None] for sp, (lo, hi) in periods.items()},
-             'no_room': no_room, 'skipped_stocks': skipped, 'balance': balance,
+             'no_room': no_room, 'skipped_stocks': skipped, 'bars_dropped': dropped, 'balance': cfg.balance,
              'classes_before': before, 'classes_after': {sp: class_counts(out[sp]) for sp in SPLITS},
-             'trimmed': sum(r['n_days'] < window for sp in SPLITS for r in out[sp]), 'max_tokens': max_tokens,
-             'counted': 'characters' if tokenizer is None else 'tokens'}
+             'trimmed': sum(r['n_days'] < cfg.window for sp in SPLITS for r in out[sp]), 'max_tokens': cfg.max_tokens,
+             'counted': 'characters' if tokenizer is None else 'tokens', 'context': cfg.contexts}
     if verbose: print(_summary(stats))
-    if out_dir is not None:
-        for sp in SPLITS: write_jsonl(Path(out_dir)/f'prompts_{sp}.jsonl', out[sp])
-        Path(out_dir, 'dataset_stats.json').write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding='utf-8')
+    if out_dir is not None: cfg, write = cfg.replace(runs_dir=str(Path(out_dir).parent), run_name=Path(out_dir).name), True
+    if write:
+        for sp in SPLITS: write_jsonl(cfg.prompts_file(sp), out[sp])
+        replace_atomically(cfg.dataset_stats_file, lambda f: f.write(json.dumps(stats, ensure_ascii=False, indent=2)))
     return {**out, 'stats': stats}
 
 # %% ../nbs/02_dataset.ipynb #d7feafe4
@@ -420,14 +299,3 @@ def plot_windows(ds:dict,       # the result of `build_dataset`
     from matplotlib.lines import Line2D
     ax.legend([Line2D([], [], color=c, lw=4) for c in SPLIT_COLORS.values()], list(SPLIT_COLORS), loc='upper left', fontsize=8)
     return ax
-
-# %% ../nbs/02_dataset.ipynb #687c0f19
-def build_dataset_from_config(cfg:DistillConfig, # run settings
-                              tokenizer=None,    # student tokenizer for `max_tokens`
-                              verbose:bool=True) -> dict: # print the summary
-    "`build_dataset` with the settings of `cfg`, writing into `cfg.run_dir`."
-    return build_dataset(codes=cfg.codes, windows=cfg.windows, window=cfg.window, horizon=cfg.horizon,
-                         val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio, split=cfg.split, balance=cfg.balance,
-                         overlap=cfg.overlap, indicators=cfg.indicators, max_tokens=cfg.max_tokens, tokenizer=tokenizer,
-                         flat_band=cfg.flat_band, seed=cfg.seed, source=cfg.data_source, start=cfg.start, end=cfg.end,
-                         out_dir=cfg.run_dir, verbose=verbose)

@@ -4,7 +4,6 @@
 
 # %% ../nbs/07_evaluate.ipynb #86b9eba1
 from __future__ import annotations
-import argparse
 import json
 import math
 import re
@@ -18,7 +17,8 @@ __all__ = ['DEFAULT_EMBED', 'DIRECTION_KEYWORDS', 'PRED_LABELS', 'cjk_tokenize',
            'embed_model_path', 'load_embedder', 'embed_similarity', 'unk_fraction', 'answer_fields', 'text_metrics',
            'direction_of', 'confusion', 'mcc_from_confusion', 'direction_scores', 'stated_change', 'momentum_direction',
            'baseline_predictions', 'answer_direction', 'realized_directions', 'score_answers', 'read_records',
-           'save_metrics', 'evaluate_model', 'format_seed_lines', 'metrics_table', 'plot_confusions', 'main']
+           'save_metrics', 'evaluate_model', 'format_seed_lines', 'metrics_table', 'plot_confusions', 'print_metrics',
+           'main']
 
 # %% ../nbs/07_evaluate.ipynb #7f8b05b6
 _CJK = r'\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff'
@@ -111,7 +111,7 @@ def answer_fields(text) -> dict:
                 if obj.get(f) is not None else '').strip() for f in FIELDS}
 
 # %% ../nbs/07_evaluate.ipynb #2bfbe7d0
-from .train import label_text   # a label as the string the seed compares (dicts as JSON)
+from .prompt import label_text   # a label as the string the seed compares (dicts as JSON)
 
 def text_metrics(preds:Sequence[str], # generated answers
                  refs:Sequence,       # teacher labels (JSON strings or dicts), same length
@@ -259,7 +259,7 @@ def _check_records(records:list, where) -> list:
 
 def _resolve_model(spec, tokenizer=None, base=None):
     "A (model, tokenizer) pair from a pair, a model folder / hub id, or an adapter folder on `base`."
-    from stockdistill.inference import load_model
+    from stockdistill.generate import load_model
     if isinstance(spec, (tuple, list)): model, tok = spec
     elif (Path(str(spec))/'adapter_config.json').exists() and isinstance(base, (tuple, list)):
         from peft import PeftModel
@@ -303,7 +303,7 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
                    n_samples:int=3,           # how many example answers to keep in the result
                    ) -> dict:
     "Generate with the base and the tuned model on `data`, and score both against the teacher and the market."
-    from stockdistill.inference import generate_answers
+    from stockdistill.generate import generate_answers
     records = _check_records(read_records(data), data if isinstance(data, (str, Path)) else 'data')
     if limit is not None: records = records[:limit]
     if not records: raise ValueError(f"no records to evaluate in {data!r}")
@@ -375,36 +375,20 @@ def plot_confusions(metrics:dict, # result of `evaluate_model`
     return fig
 
 # %% ../nbs/07_evaluate.ipynb #047412f1
-def main(argv:Optional[list]=None):
-    "CLI: evaluate a base and a tuned model on a cleaned JSONL file and write metrics.json."
-    p = argparse.ArgumentParser(prog='python -m stockdistill.evaluate', description=main.__doc__)
-    p.add_argument('--data', required=True, help='cleaned JSONL (prompt, label[, outcome])')
-    p.add_argument('--base-model', required=True, help='base model folder or hub id')
-    p.add_argument('--tuned-model', required=True, help='tuned model folder, hub id, or LoRA adapter folder')
-    p.add_argument('--tokenizer', help='tokenizer folder (default: each model\'s own)')
-    p.add_argument('--limit', type=int, help='evaluate only the first N records')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--max-new-tokens', type=int, default=256)
-    p.add_argument('--embed-model', help='sentence-transformers model id or folder (default: bundled all-MiniLM-L6-v2)')
-    p.add_argument('--no-embed', action='store_true', help='skip the embedding similarity')
-    p.add_argument('--no-outcomes', action='store_true', help='do not score directions against realized outcomes')
-    p.add_argument('--train-data', help='training JSONL whose realized directions set the majority baseline')
-    p.add_argument('--flat-band', type=float, default=1.0, help="momentum baseline's flat band, percent")
-    p.add_argument('--out', default='metrics.json', help='where to write the metrics (default metrics.json)')
-    a = p.parse_args(argv)
-    try:
-        m = evaluate_model(a.data, a.base_model, a.tuned_model, tokenizer=a.tokenizer, limit=a.limit,
-                           batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                           embed_model=False if a.no_embed else a.embed_model, outcomes=not a.no_outcomes,
-                           out=a.out, train_data=a.train_data, flat_band=a.flat_band)
-    except (ValueError, FileNotFoundError) as e: p.exit(2, f"error: {e}\n")
+def print_metrics(m:dict):
+    "The seed's two lines, then the text and direction tables of an evaluation."
     print(format_seed_lines(m))
     text, direction = metrics_table(m)
     print(f"\n{m['n']} examples\n{text.to_string(float_format=lambda x: f'{x:.4f}')}")
     if len(direction): print(f"\ndirection vs realized ({m.get('n_outcomes')} with outcomes)\n"
                              f"{direction.to_string(float_format=lambda x: f'{x:.4f}')}")
-    print(f"\nwrote {m['path']}")
-    return m
+    if m.get('path'): print(f"\nwrote {m['path']}")
+
+def main(argv:Optional[list]=None):
+    "`python -m stockdistill.evaluate [flags]`: the same as `stockdistill evaluate`."
+    import sys
+    from stockdistill.cli import main as cli_main
+    return cli_main(['evaluate', *(sys.argv[1:] if argv is None else argv)])
 
 # %% ../nbs/07_evaluate.ipynb #36075255
 #| eval: false

@@ -20,12 +20,14 @@ import numpy as np
 import pandas as pd
 from fastcore.basics import patch
 from tqdm import tqdm
-from .config import api_key
+from .config import Registry, api_key
+from .prompt import parse_prompt
 
 # %% auto #0
-__all__ = ['ANSWER_KEYS', 'DIRECTION_WORDS', 'PRESETS', 'PASSTHROUGH', 'split_reasoning', 'extract_json', 'teacher_result',
-           'parse_answer', 'Teacher', 'window_signals', 'RuleTeacher', 'OpenAITeacher', 'retry_after', 'HFTeacher',
-           'get_teacher', 'prompt_id', 'read_labels', 'newest_labels', 'label_samples']
+__all__ = ['ANSWER_KEYS', 'DIRECTION_WORDS', 'PERSONAS', 'PRESETS', 'TEACHERS', 'PASSTHROUGH', 'split_reasoning', 'extract_json',
+           'teacher_result', 'parse_answer', 'Teacher', 'window_signals', 'RuleTeacher', 'OpenAITeacher', 'retry_after',
+           'TeacherUnavailable', 'HFTeacher', 'get_teacher', 'teacher_name', 'prompt_id', 'read_labels',
+           'newest_labels', 'is_unparseable', 'label_samples', 'label_counts']
 
 # %% ../nbs/03_teacher.ipynb #ab3c3dd6
 _THINK_RE = re.compile(r'<think>(.*?)</think>', re.S)
@@ -196,13 +198,17 @@ def _reasoning(s:dict) -> str:
     return f"涨跌幅{s['change_pct']:+.2f}%，区间位置{s['position']:.0%}；打分：" + '，'.join(parts) + f"；合计{s['score']:+.2f}，{verdict}。"
 
 # %% ../nbs/03_teacher.ipynb #0a365d46
+PERSONAS = {'balanced': 'the default rule teacher: trend, MACD, RSI, range position and volume, weighed together'}
+
 class RuleTeacher(Teacher):
     "Embedded deterministic teacher: reads the prompt's window and answers in Chinese from its indicators."
-    name = 'rule'
+    def __init__(self, persona:str='balanced'): # how it judges and writes (see `PERSONAS`)
+        if persona not in PERSONAS: raise ValueError(f"unknown rule-teacher persona {persona!r}: use one of {', '.join(PERSONAS)}")
+        self.persona = persona
+        self.name = 'rule' if persona == 'balanced' else f'rule:{persona}'
 
     def signals(self, prompt:str) -> dict:
         "The scored signals of the window in `prompt`."
-        from stockdistill.dataset import parse_prompt
         code, bars, change_pct = parse_prompt(prompt)
         return window_signals(bars, change_pct)
 
@@ -289,7 +295,7 @@ def _wait(self:OpenAITeacher, attempt:int, server_wait:Optional[float]=None) -> 
 # %% ../nbs/03_teacher.ipynb #d75d323f
 @patch
 async def _ask(self:OpenAITeacher, client, prompt:str) -> dict:
-    "One prompt → one result, retrying timeouts, 429 and 5xx."
+    "One prompt → one result, retrying timeouts, 429, 5xx and malformed replies."
     import openai
     messages = ([{'role': 'system', 'content': self.system}] if self.system else []) + [{'role': 'user', 'content': prompt}]
     for attempt in range(self.max_retries + 1):
@@ -300,6 +306,8 @@ async def _ask(self:OpenAITeacher, client, prompt:str) -> dict:
                                                         **self.create_kw)
         except openai.APITimeoutError: why = f'timeout after {self.timeout:g}s'
         except openai.APIConnectionError as e: why = f'connection error ({e.__cause__ or e})'
+        except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
+            why = f'malformed reply ({type(e).__name__}: {str(e)[:120]})'
         except openai.APIStatusError as e:
             why = f'HTTP {e.status_code}: {e.message}'
             if e.status_code != 429 and e.status_code < 500: return teacher_result(error=f'final: {why}')
@@ -349,23 +357,60 @@ def stream(self:OpenAITeacher, prompts:list[str]) -> Iterator[tuple[int, dict]]:
             yield item
     finally: stop.set()
 
+# %% ../nbs/03_teacher.ipynb #c4ec0002
+class TeacherUnavailable(RuntimeError): "A teacher failed its check: no key, a rejected key, unreachable, or failing."
+
+@patch
+def check(self:Teacher):
+    "Raise `TeacherUnavailable` if this teacher cannot answer (local teachers always can)."
+    return self
+
+@patch
+def check(self:OpenAITeacher):  # noqa: F811
+    "The key is set and one short request succeeds; else `TeacherUnavailable` (or `MissingKeyError`) naming why."
+    import openai
+    key = self._key()
+    async def probe():
+        async with openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout) as client:
+            return await self._ask(client, '你好。请只回答 {"prediction": "ok"}。')
+    res = asyncio.run(probe()) if not _loop_running() else _in_thread(probe)
+    if res['error'] and not res['error'].startswith('transient: malformed'):
+        raise TeacherUnavailable(f"teacher {self.name} at {self.base_url} did not answer a test request: {res['error']}")
+    return self
+
+def _loop_running() -> bool:
+    try: asyncio.get_running_loop(); return True
+    except RuntimeError: return False
+
+def _in_thread(coro_fn):
+    "Run `coro_fn()` to completion in a fresh event loop on a worker thread (for callers inside Jupyter's loop)."
+    out = {}
+    th = threading.Thread(target=lambda: out.update(r=asyncio.run(coro_fn())))
+    th.start(); th.join()
+    return out['r']
+
 # %% ../nbs/03_teacher.ipynb #8b318a27
 class HFTeacher(Teacher):
-    "A local transformers causal LM as teacher: batched greedy generation with left padding."
+    "A local transformers causal LM as teacher, answering through the generation core in batches."
     def __init__(self,
                  model_or_path,                  # hub id, local folder, or a loaded model
                  tokenizer=None,                 # its tokenizer; loaded from `model_or_path` if None
                  batch_size:int=8,               # prompts per generate call
                  max_new_tokens:int=256,         # answer budget
-                 chat:Optional[bool]=None,       # wrap prompts in the chat template; None: when the tokenizer has one
+                 prompt_format:Optional[str]=None, # 'answer', 'chat' or 'raw'; None: from the model (see above)
                  name:Optional[str]=None):       # label-file name; 'hf:<path>' if None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+        from stockdistill.generate import load_model, PROMPT_FORMATS
         path = model_or_path if isinstance(model_or_path, (str, Path)) else getattr(model_or_path, 'name_or_path', 'model')
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
-        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(path))
+        if isinstance(model_or_path, (str, Path)): self.model, tok = load_model(str(model_or_path))
+        else: self.model, tok = model_or_path, None
+        self.tokenizer = tokenizer if tokenizer is not None else tok if tok is not None else AutoTokenizer.from_pretrained(str(path))
         if self.tokenizer.pad_token is None: self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.chat = bool(getattr(self.tokenizer, 'chat_template', None)) if chat is None else chat
+        fmt = prompt_format or getattr(self.model.config, 'prompt_format', None) or (
+            'chat' if getattr(self.tokenizer, 'chat_template', None) else 'raw')
+        if fmt not in PROMPT_FORMATS: raise ValueError(f"prompt_format={fmt!r}: use one of {', '.join(PROMPT_FORMATS)}")
+        self.prompt_format = fmt
         self.name = name or f'hf:{path}'
         self.usage_total = {'prompt_tokens': 0, 'completion_tokens': 0, 'total_tokens': 0}
 
@@ -379,45 +424,53 @@ class HFTeacher(Teacher):
 @patch
 def _generate(self:HFTeacher, prompts:list[str]) -> list[dict]:
     "Results for one batch of prompts."
-    import torch
-    from stockdistill.inference import _eos_ids, _cut_at_eos
-    tok = self.tokenizer
-    texts = [tok.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts] if self.chat else prompts
-    side, tok.padding_side = tok.padding_side, 'left'
-    try: enc = tok(texts, return_tensors='pt', padding=True, add_special_tokens=not self.chat)  # the template has them
-    finally: tok.padding_side = side
-    enc = {k: v.to(self.model.device) for k, v in enc.items()}
-    stop = _eos_ids(self.model, tok)   # the tokenizer's EOS and the generation config's (e.g. a chat model's end of turn)
-    with torch.no_grad():
-        out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop) or None)
-    new = out[:, enc['input_ids'].shape[1]:]
+    from stockdistill.generate import generate_answers
+    stats = {}
+    answers = generate_answers(self.model, self.tokenizer, prompts, batch_size=len(prompts), max_new_tokens=self.max_new_tokens,
+                               prompt_format=self.prompt_format, desc=self.name, stats=stats)
     results = []
-    for row, mask in zip(new, enc['attention_mask']):
-        ids = _cut_at_eos(row.tolist(), stop)
-        usage = {'prompt_tokens': int(mask.sum()), 'completion_tokens': len(ids), 'total_tokens': int(mask.sum()) + len(ids)}
+    for text, usage in zip(answers, stats['usage']):
         for k, v in usage.items(): self.usage_total[k] += v
-        results.append(parse_answer(tok.decode(ids, skip_special_tokens=True), usage=usage))
+        results.append(parse_answer(text, usage=usage))
     return results
 
 # %% ../nbs/03_teacher.ipynb #935562a0
 _API_ONLY = ('model', 'concurrency', 'timeout', 'max_retries', 'backoff', 'max_backoff', 'system')
+TEACHERS = Registry('teacher')   # name -> factory(**settings) of teachers that plug-in modules add
 
-def get_teacher(spec:str='rule', # 'rule', a preset (deepseek-r1, deepseek, qwen-max, gemini), an http(s) URL, 'hf:<model>'
+def _spec_error(spec:str) -> ValueError:
+    named = ', '.join(TEACHERS.names())
+    return ValueError(f"unknown teacher {spec!r}: use 'rule', 'rule:<persona>', one of {', '.join(PRESETS)}, an http(s):// "
+                      f"base URL, 'hf:<model>'" + (f" or one of {named}" if named else ''))
+
+def get_teacher(spec:str='rule', # 'rule', a preset (deepseek-r1, deepseek, qwen-max, gemini), an http(s) URL, 'hf:<model>', a registered name
                 **kw):            # passed to the teacher (model=, concurrency=, timeout= …); None values are dropped
     "The teacher named by `spec`; API-only settings (model, concurrency …) are ignored by local teachers."
     kw = {k: v for k, v in kw.items() if v is not None}
     local = {k: v for k, v in kw.items() if k not in _API_ONLY}
-    if spec == 'rule':
+    if spec == 'rule' or spec.startswith('rule:'):
         if local: raise TypeError(f"RuleTeacher takes no settings, got {', '.join(local)}")
-        return RuleTeacher()
+        return RuleTeacher(spec[5:]) if spec.startswith('rule:') else RuleTeacher()
     if spec.startswith('hf:'): return HFTeacher(spec[3:], **local)
     if spec in PRESETS or re.match(r'https?://', spec): return OpenAITeacher(spec, **kw)
-    raise ValueError(f"unknown teacher {spec!r}: use 'rule', one of {', '.join(PRESETS)}, an http(s):// base URL or 'hf:<model>'")
+    if spec not in TEACHERS: TEACHERS.names()   # import the plug-in modules once
+    if spec in TEACHERS: return TEACHERS.get(spec)(**kw)
+    raise _spec_error(spec)
+
+def teacher_name(spec:str,                  # a teacher spec as `get_teacher` takes it
+                 model:Optional[str]=None) -> str: # the API model name (`teacher_model`), if set
+    "The name the teacher of `spec` files its labels under (what `get_teacher(spec).name` would be)."
+    if spec == 'rule:balanced': return 'rule'
+    if spec == 'rule' or spec.startswith('rule:') or spec.startswith('hf:'): return spec
+    if spec in PRESETS: return f"{spec}:{model or PRESETS[spec]['model']}"
+    if re.match(r'https?://', spec):
+        if not model: raise ValueError(f"model: name the model served at {spec} (--teacher-model)")
+        return f'openai:{model}'
+    if spec in TEACHERS or spec in TEACHERS.names(): return spec
+    raise _spec_error(spec)
 
 # %% ../nbs/03_teacher.ipynb #4244f380
-PASSTHROUGH = ('code', 'name', 'end', 'outcome')
+PASSTHROUGH = ('code', 'name', 'end', 'outcome', 'context')
 
 def prompt_id(prompt:str) -> str:
     "A stable id for a record that has none: a hash of its prompt."
@@ -433,15 +486,28 @@ def _records(records:Iterable) -> list[dict]:
         if r['id'] not in seen: seen.add(r['id']); out.append(r)
     return out
 
-def read_labels(path) -> list[dict]:
-    "Every complete line of a label file (a line cut off by a crash is skipped)."
+def read_labels(path,                 # a label file written by `label_samples`
+                skipped:Optional[dict]=None, # if given, filled with {line number: why} for every line not read
+                warn:bool=True) -> list[dict]: # warn once, naming the file and the lines, when any were skipped
+    "Every readable line of a label file; lines that are cut off, not UTF-8, not JSON or without an id are skipped, counted and named."
     p = Path(path)
     if not p.exists(): return []
-    out = []
-    for line in p.read_text(encoding='utf-8').split('\n'):   # not splitlines(): text may hold U+2028, U+0085
-        try: rec = json.loads(line)
-        except json.JSONDecodeError: continue
+    out, bad = [], {}
+    data = p.read_bytes()
+    lines = data.split(b'\n')   # not splitlines(): text may hold U+2028, U+0085
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip(): continue
+        last = i == len(lines)   # no newline after it: the write was cut off
+        try: rec = json.loads(raw.decode('utf-8'))
+        except UnicodeDecodeError: bad[i] = 'not UTF-8'; continue
+        except json.JSONDecodeError: bad[i] = 'cut off' if last else 'not JSON'; continue
         if isinstance(rec, dict) and 'id' in rec: out.append(rec)
+        else: bad[i] = 'no id'
+    if skipped is not None: skipped.update(bad)
+    if bad and warn:
+        import warnings
+        shown = ', '.join(f"line {i}: {why}" for i, why in list(bad.items())[:5]) + (' …' if len(bad) > 5 else '')
+        warnings.warn(f"{p}: skipped {len(bad)} unreadable line(s) ({shown})", stacklevel=2)
     return out
 
 # %% ../nbs/03_teacher.ipynb #6e1c1d2b
@@ -454,20 +520,23 @@ def _trim_partial_line(p:Path):
 
 def newest_labels(*paths) -> list:
     "The newest label per (id, teacher) in the label files `paths`: later lines, and later files, win."
-    return list({(rec['id'], rec.get('teacher')): rec for p in paths for rec in read_labels(p)}.values())
+    return list({(rec['id'], rec.get('teacher')): rec for p in paths for rec in read_labels(p, warn=False)}.values())
 
 def _compact(p:Path):
     "Keep only the newest line per (id, teacher), atomically."
-    tmp = p.with_name(p.name + '.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f:
-        for rec in newest_labels(p): f.write(json.dumps(rec, ensure_ascii=False) + '\n')
-    os.replace(tmp, p)
+    from stockdistill.dataset import write_jsonl
+    write_jsonl(p, newest_labels(p))
+
+def is_unparseable(rec:dict) -> bool:
+    "Whether a label line holds an answer with no JSON in it (`{'raw': text}`)."
+    return isinstance(rec.get('label'), dict) and set(rec['label']) == {'raw'}
 
 # %% ../nbs/03_teacher.ipynb #f868d396
 def label_samples(records:Iterable,           # dataset records (dicts with 'prompt', ideally 'id') or prompt strings
                   teacher:Teacher,             # who answers
                   path,                        # JSONL file to append labels to
-                  overwrite:bool=False,        # start the file afresh and relabel everything
+                  overwrite:bool=False,        # ask every record again (old lines stay until replaced)
+                  retry_unparseable:bool=False, # ask again where the answer held no JSON
                   concurrency:Optional[int]=None, # override the teacher's requests in flight
                   desc:Optional[str]=None,     # progress-bar title
                   shard:Optional[tuple]=None,  # (rank, world): label only records rank, rank+world, …
@@ -479,12 +548,13 @@ def label_samples(records:Iterable,           # dataset records (dicts with 'pro
         if not 0 <= rank < world: raise ValueError(f"shard={shard!r}: need 0 <= rank < world")
         recs = recs[rank::world]
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite and p.exists(): p.unlink()
     have = {}
     for rec in read_labels(p):
         if rec.get('teacher') == teacher.name: have[rec['id']] = rec
-    retry = {i for i, rec in have.items() if str(rec.get('error') or '').startswith('transient')}
-    todo = [r for r in recs if r['id'] not in have or r['id'] in retry]
+    again = lambda rec: (overwrite or str(rec.get('error') or '').startswith('transient')
+                         or (retry_unparseable and is_unparseable(rec)))
+    todo = [r for r in recs if r['id'] not in have or again(have[r['id']])]
+    redo = {r['id'] for r in todo} & set(have)
     saved = teacher.concurrency
     if concurrency is not None: teacher.concurrency = concurrency
     failures = 0
@@ -504,5 +574,15 @@ def label_samples(records:Iterable,           # dataset records (dicts with 'pro
                 bar.update(1); bar.set_postfix(failures=failures, refresh=False)
     finally:
         gen.close(); bar.close(); teacher.concurrency = saved
-    if retry & {r['id'] for r in todo}: _compact(p)
+    if redo: _compact(p)
     return [have[r['id']] for r in recs if r['id'] in have]
+
+def label_counts(lines:list) -> dict:
+    "What a teacher's label lines hold: answers, unparseable ones, errors (final/transient) and tokens."
+    err = [str(l.get('error') or '') for l in lines]
+    usage = [l.get('usage') or {} for l in lines]
+    return {'labels': len(lines), 'answers': sum(not e and not is_unparseable(l) for e, l in zip(err, lines)),
+            'unparseable': sum(not e and is_unparseable(l) for e, l in zip(err, lines)),
+            'errors_final': sum(e.startswith('final') for e in err), 'errors_transient': sum(e.startswith('transient') for e in err),
+            'prompt_tokens': sum(int(u.get('prompt_tokens') or 0) for u in usage),
+            'completion_tokens': sum(int(u.get('completion_tokens') or 0) for u in usage)}

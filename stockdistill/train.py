@@ -4,30 +4,25 @@
 
 # %% ../nbs/05_train.ipynb #6f371a22
 from __future__ import annotations
+import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 import torch
 from fastcore.basics import patch
-from .config import DistillConfig, LORA_TARGETS
-from .rope import scale_rope
+from .config import DistillConfig, LORA_TARGETS, TRAIN_DEFAULTS, Registry
+from .prompt import format_example, label_text
+from .generate import EMBEDDED_STUDENT, load_base, use_4bit, record_base
 
 # %% auto #0
-__all__ = ['ANSWER_MARK', 'TINY_SPECIALS', 'CHAT_TOKENS', 'CHATML_TEMPLATE', 'TINY_SAVE', 'TINY_PRESET', 'TINY_TOKEN_BUDGET',
-           'TINY_SIZE', 'format_example', 'train_tiny_tokenizer', 'build_tiny_student', 'label_text', 'LabelCollator',
-           'load_labeled', 'use_4bit', 'load_base', 'fsdp_launch', 'add_lora', 'tiny_epochs', 'student_config',
-           'ProgressCallback', 'training_arguments', 'train_student', 'load_student']
-
-# %% ../nbs/05_train.ipynb #d13ad5f7
-ANSWER_MARK = "### 答案："
-
-def format_example(prompt:str, # the question with its K-line data
-                   label:str=''): # the teacher's answer (a JSON string); empty for a generation prompt
-    "The training text of one example: prompt, blank line, answer marker, answer."
-    return f"{prompt}\n\n{ANSWER_MARK}{label}"
+__all__ = ['TINY_SPECIALS', 'CHAT_TOKENS', 'CHATML_TEMPLATE', 'TINY_SAVE', 'TINY_PRESET', 'TINY_TOKEN_BUDGET', 'TINY_SIZE',
+           'METHODS', 'train_tiny_tokenizer', 'build_tiny_student', 'LabelCollator', 'load_labeled', 'add_lora',
+           'tiny_epochs', 'resolve_training', 'ProgressCallback', 'training_arguments', 'training_fingerprint',
+           'resume_point', 'train_student']
 
 # %% ../nbs/05_train.ipynb #c4c8e31a
 TINY_SPECIALS = dict(eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|startoftext|>")
@@ -96,15 +91,12 @@ def build_tiny_student(texts:list[str],          # prompts and answers the token
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    model.config.prompt_format = 'answer'   # it reads the training format (`02b_generate`), not a chat template
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir); tok.save_pretrained(out_dir)
     return model, tok
 
 # %% ../nbs/05_train.ipynb #403fb7df
-def label_text(label) -> str:
-    "The answer as the student should write it: a JSON string (dicts are dumped with Chinese kept)."
-    return label if isinstance(label, str) else json.dumps(label, ensure_ascii=False)
-
 class LabelCollator:
     "Batch `{prompt, label[, id]}` records into input ids and answer-only labels, padded to the longest."
     def __init__(self, tokenizer, # the student's tokenizer (needs eos and pad tokens)
@@ -148,47 +140,19 @@ def __call__(self:LabelCollator, examples:list[dict]) -> dict:
                 labels=torch.tensor([pad(lab, -100) for _, lab in rows]))
 
 # %% ../nbs/05_train.ipynb #7c13d926
-def load_labeled(path):
-    "The cleaned JSONL at `path` as a `datasets.Dataset` with `id`, `prompt` and `label` (a JSON string)."
+def load_labeled(path, columns:tuple=()):
+    "The cleaned JSONL at `path` as a `datasets.Dataset` with `id`, `prompt`, `label` (a JSON string) and `columns`."
     import datasets
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"no labeled data at {path}: run the teacher and clean steps first")
+    if not any(line.strip() for line in open(path, encoding='utf-8', errors='replace')):
+        raise ValueError(f"{path} has no records to train on")
     ds = datasets.load_dataset('json', data_files=str(path), split='train')
-    if len(ds) == 0: raise ValueError(f"{path} has no records to train on")
     for col in ('prompt', 'label'):
         if col not in ds.column_names: raise ValueError(f"{path}: records have no {col!r} field (columns: {ds.column_names})")
     if 'id' not in ds.column_names: ds = ds.add_column('id', [f'{path.stem}:{i}' for i in range(len(ds))])
     if not isinstance(ds[0]['label'], str): ds = ds.map(lambda r: dict(label=label_text(r['label'])))
-    return ds.select_columns(['id', 'prompt', 'label'])
-
-# %% ../nbs/05_train.ipynb #fc42498d
-def use_4bit(load_in_4bit:Optional[bool]) -> bool:
-    "Resolve the config's `load_in_4bit`: None means on exactly when CUDA is available."
-    return torch.cuda.is_available() if load_in_4bit is None else bool(load_in_4bit)
-
-def load_base(base:str,                    # hub id or local folder of a causal LM
-              load_in_4bit:bool=False,     # quantise to 4-bit nf4 on load (QLoRA)
-              rope_factor:Optional[float]=None, # > 1 stretches RoPE (see 05a_rope)
-              rope_type:str='linear',      # 'linear', 'dynamic' or 'yarn'
-              dtype=None):                 # weight dtype; None: bf16 on CUDA, float32 on CPU
-    "Load the student's base model (not yet adapted)."
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-    config = AutoConfig.from_pretrained(base)
-    if rope_factor is not None: scale_rope(config, rope_factor, rope_type)
-    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    kw = {}
-    if load_in_4bit:
-        kw['quantization_config'] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-        # FSDP shards the quantized weights too, which needs them stored in a float dtype (not uint8)
-        if fsdp_launch(): kw['quantization_config'].bnb_4bit_quant_storage = torch.bfloat16
-        if not torch.cuda.is_available(): kw['device_map'] = 'cpu'
-        elif not fsdp_launch(): kw['device_map'] = {'': int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}
-    return AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype, **kw)
-
-def fsdp_launch() -> bool:
-    "Whether this process was started by `accelerate launch` with an FSDP config."
-    return os.environ.get('ACCELERATE_USE_FSDP', '').lower() in ('1', 'true')
+    return ds.select_columns(['id', 'prompt', 'label', *[c for c in columns if c in ds.column_names]])
 
 # %% ../nbs/05_train.ipynb #3350926d
 TINY_SAVE = ('embed_tokens', 'lm_head', 'input_layernorm', 'post_attention_layernorm', 'norm')
@@ -221,11 +185,14 @@ def tiny_epochs(train_tokens:int) -> float:
 TINY_SIZE = dict(vocab_size=2048, hidden_size=128, layers=2, heads=4, kv_heads=2, intermediate_size=384,
                  max_position_embeddings=4096)
 
-def student_config(cfg:DistillConfig) -> DistillConfig:
-    "`cfg` with the tiny student's preset filled into fields still at their defaults (unchanged for real students)."
-    if cfg.student != 'tiny': return cfg
-    default = DistillConfig()
-    return cfg.replace(**{k: v for k, v in TINY_PRESET.items() if getattr(cfg, k) == getattr(default, k)})
+def resolve_training(cfg:DistillConfig,         # run settings; `None` training fields are filled in
+                     preset:bool=True,          # use the student's preset (else the seed's values)
+                     train_tokens:Optional[int]=None) -> DistillConfig: # tokens of one epoch (sets the tiny student's epochs)
+    "`cfg` with every preset-able training field set: the student's preset where it has one, else the seed's value."
+    fill = {**TRAIN_DEFAULTS, **(TINY_PRESET if preset and cfg.student == 'tiny' else {})}
+    if preset and cfg.student == 'tiny' and cfg.epochs is None:
+        fill['epochs'] = tiny_epochs(train_tokens) if train_tokens is not None and cfg.max_steps <= 0 else 1.0
+    return cfg.replace(**{k: v for k, v in fill.items() if getattr(cfg, k) is None})
 
 # %% ../nbs/05_train.ipynb #5b15eb0a
 class ProgressCallback:
@@ -285,10 +252,13 @@ def training_arguments(cfg:DistillConfig,  # run settings (lr, batch, epochs/max
     return TrainingArguments(**args)
 
 # %% ../nbs/05_train.ipynb #c767a4f1
+METHODS = Registry('training method')   # --method NAME -> fn(cfg, train_path=None, val_path=None, resume=False) -> summary
+
 def _resolve_student(cfg:DistillConfig, train_ds, overwrite:bool=False) -> str:
-    "The base model to load: the run's own tiny student (built if missing) or `cfg.student`."
+    "The base model to load: the embedded tiny student (shipped, or built into the run if not shipped), or `cfg.student`."
     if cfg.student != 'tiny': return cfg.student
-    base = cfg.path('tiny_base').resolve()
+    if (EMBEDDED_STUDENT/'config.json').exists(): return str(EMBEDDED_STUDENT)
+    base = cfg.tiny_base_dir.resolve()
     from accelerate import PartialState
     state = PartialState(cpu=not torch.cuda.is_available())   # several processes under accelerate / torchrun
     if state.is_main_process and (overwrite or not (base/'config.json').exists()):
@@ -300,65 +270,122 @@ def _last_checkpoint(folder:Path) -> Optional[str]:
     from transformers.trainer_utils import get_last_checkpoint
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
+_FINGERPRINT_FIELDS = ('student', 'method', 'load_in_4bit', 'lora_r', 'lora_alpha', 'lora_dropout', 'target_modules',
+                       'rope_factor', 'rope_type', 'epochs', 'max_steps', 'batch_size', 'grad_accum', 'lr', 'max_len',
+                       'seed', 'options')
+
+def training_fingerprint(cfg:DistillConfig, *paths) -> dict:
+    "What a checkpoint depends on: the resolved training settings and a hash of the data files."
+    d = {k: getattr(cfg, k) for k in _FINGERPRINT_FIELDS}
+    d['target_modules'] = list(d['target_modules'])
+    d['data'] = [hashlib.sha1(Path(p).read_bytes()).hexdigest()[:16] if p and Path(p).exists() else None for p in paths]
+    return json.loads(json.dumps(d, default=str))
+
+def resume_point(ckpt_dir:Path, fingerprint:dict, resume:bool) -> Optional[str]:
+    "The checkpoint to resume from, or None; checkpoints of other training settings are deleted, saying why."
+    fp_file = Path(ckpt_dir)/'fingerprint.json'
+    old = json.loads(fp_file.read_text()) if fp_file.exists() else None
+    last = _last_checkpoint(Path(ckpt_dir))
+    if last and resume and old == fingerprint: return last
+    if last or old:
+        changed = sorted(k for k in fingerprint if (old or {}).get(k) != fingerprint[k]) if old else ['(no record)']
+        why = 'not resuming (overwrite)' if not resume else f"training settings changed since the last checkpoint ({', '.join(changed)})"
+        print(f"      {why}: training anew", flush=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(json.dumps(fingerprint, indent=1))
+    return None
+
 # %% ../nbs/05_train.ipynb #a62ca0d5
+def _default_path(cfg:DistillConfig, split:str) -> Optional[Path]:
+    "The cleaned labels of the run's first teacher for `split`."
+    from stockdistill.teacher import teacher_name
+    return cfg.cleaned_file(split, teacher_name(cfg.teachers[0], cfg.teacher_model))
+
+def _prompt_settings(cfg:DistillConfig) -> dict:
+    "The prompt settings an adapter is trained with (`ask` reads them back), and whether the budget counted tokens."
+    stats = json.loads(cfg.dataset_stats_file.read_text()) if cfg.dataset_stats_file.exists() else {}
+    return dict(window=cfg.window, indicators=cfg.indicators, max_tokens=cfg.max_tokens, context=cfg.context,
+                counted=stats.get('counted', 'tokens'))
+
 def train_student(cfg:DistillConfig=None,      # run settings; None means DistillConfig()
-                  train_path=None,             # cleaned training JSONL; None: `<run>/clean_train.jsonl`
-                  val_path=None,               # cleaned validation JSONL (eval loss each epoch), optional
-                  resume:bool=False,           # continue from the last checkpoint of this run if there is one
+                  train_path=None,             # cleaned training JSONL; None: the run's first teacher's cleaned labels
+                  val_path=None,               # cleaned validation JSONL; None: the run's, if it exists
+                  resume:bool=False,           # continue from the last checkpoint if the training is the same
                   compute_text_metrics:Optional[Callable]=None, # (model, tokenizer, records) -> dict, at each evaluation
                   metrics_limit:int=8,         # validation records given to `compute_text_metrics`
-                  preset:bool=True,            # fill the tiny student's preset into fields left at their defaults
-                  **kwargs) -> dict:           # DistillConfig fields to set (applied after the preset)
+                  preset:bool=True,            # fill the tiny student's preset into fields left unset
+                  trainer_cls=None,            # a `Trainer` subclass (a method's own loss); None: HF `Trainer`
+                  trainer_kwargs:Optional[dict]=None, # extra keyword arguments for `trainer_cls`
+                  collator=None,               # collator class taking (tokenizer, max_len); None: `LabelCollator`
+                  columns:tuple=(),            # extra columns of the labels the collator needs (e.g. 'reasoning')
+                  extra_summary:Optional[Callable]=None, # (trainer) -> dict merged into the summary
+                  **kwargs) -> dict:           # DistillConfig fields to set
     "Fine-tune the student on teacher labels; save adapter, tokenizer, `train_summary.json`, `progress.png`."
     from transformers import Trainer, set_seed
-    cfg = cfg or DistillConfig()
-    cfg = (student_config(cfg) if preset else cfg).replace(**kwargs)   # keywords win over the preset
+    cfg = (cfg or DistillConfig()).replace(**kwargs)
     if not torch.cuda.is_available() and 'OMP_NUM_THREADS' not in os.environ: torch.set_num_threads(os.cpu_count() or 1)
+    train_path = Path(train_path or _default_path(cfg, 'train'))
+    if val_path is None and (p := _default_path(cfg, 'val')).exists() and p != train_path: val_path = p
+    train_ds = load_labeled(train_path, columns)
+    val_ds = load_labeled(val_path, columns) if val_path else None
     set_seed(cfg.seed)
-    train_ds = load_labeled(train_path or cfg.path('clean_train.jsonl'))
-    val_ds = load_labeled(val_path) if val_path else None
     base = _resolve_student(cfg, train_ds, overwrite=not resume and cfg.overwrite)
-    out = cfg.path(cfg.out); out.mkdir(parents=True, exist_ok=True)
+    out = cfg.adapter_dir; out.mkdir(parents=True, exist_ok=True)
     four_bit = use_4bit(cfg.load_in_4bit)
     model = load_base(base, load_in_4bit=four_bit, rope_factor=cfg.rope_factor, rope_type=cfg.rope_type)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
-    collator, eval_collator = LabelCollator(tokenizer, cfg.max_len), LabelCollator(tokenizer, cfg.max_len)
-    lengths = [len(collator.encode(r)[0]) for r in train_ds]      # fails early on an all-cut answer
-    lengths_val = [len(eval_collator.encode(r)[0]) for r in val_ds] if val_ds is not None else []
-    # counted now: the Trainer also runs `collator` on validation batches, which would add their cuts
-    n_cut, n_cut_val = collator.n_answer_truncated, eval_collator.n_answer_truncated
+    make = collator or LabelCollator
+    coll, eval_coll = make(tokenizer, cfg.max_len), make(tokenizer, cfg.max_len)
+    lengths = [len(coll.encode(r)[0]) for r in train_ds]      # fails early on an all-cut answer
+    lengths_val = [len(eval_coll.encode(r)[0]) for r in val_ds] if val_ds is not None else []
+    # counted now: the Trainer also runs the collator on validation batches, which would add their cuts
+    n_cut, n_cut_val = coll.n_answer_truncated, eval_coll.n_answer_truncated
     ctx, longest = model.config.max_position_embeddings, max(lengths + lengths_val)
     if longest > ctx:
         raise ValueError(f"the longest example has {longest} tokens but the student {base} was built for {ctx} positions; "
                          f"set rope_factor >= {math.ceil(longest/ctx*10)/10} (see 05a_rope), or lower max_len / max_tokens")
-    if preset and cfg.student == 'tiny' and cfg.max_steps <= 0 and 'epochs' not in kwargs and cfg.epochs == DistillConfig().epochs:
-        cfg = cfg.replace(epochs=tiny_epochs(sum(lengths)))       # a fixed token budget, whatever the prompt length
+    cfg = resolve_training(cfg, preset, train_tokens=sum(lengths))
     model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                      modules_to_save=TINY_SAVE if cfg.student == 'tiny' else None,
                      gradient_checkpointing=cfg.student != 'tiny')
     steps_per_epoch = math.ceil(len(train_ds)/(cfg.batch_size*cfg.grad_accum))
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch*cfg.epochs)
-    ckpt_dir = cfg.path('checkpoints')
+    ckpt_dir = cfg.checkpoints_dir
+    from accelerate import PartialState
+    state = PartialState(cpu=not torch.cuda.is_available())
+    fingerprint = training_fingerprint(cfg, train_path, val_path)
+    last = resume_point(ckpt_dir, fingerprint, resume) if state.is_main_process else None
+    state.wait_for_everyone()
+    if not state.is_main_process: last = _last_checkpoint(ckpt_dir) if resume else None
     args = training_arguments(cfg, ckpt_dir, has_eval=val_ds is not None, logging_steps=max(1, min(10, total//12)),
                               save_steps=max(10, total//4))
     progress = ProgressCallback(out/'progress.png', compute_text_metrics,
                                 [val_ds[i] for i in range(min(metrics_limit, len(val_ds)))] if val_ds is not None else None)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
-                      processing_class=tokenizer, callbacks=[_progress_hooks()(progress)])
-    last = _last_checkpoint(ckpt_dir) if resume else None
+    trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=coll,
+                                       processing_class=tokenizer, callbacks=[_progress_hooks()(progress)], **(trainer_kwargs or {}))
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     wall = time.time() - t0
     trainer.save_model(str(out))        # adapter + tokenizer, from the main process only (several under accelerate)
     main = trainer.is_world_process_zero()
-    if main: progress.plot()
+    if last:   # the steps before the checkpoint: their losses are in the restored log
+        logs = trainer.state.log_history
+        progress.train = [(l['step'], l['loss']) for l in logs if 'loss' in l]
+        progress.eval = [(l['step'], l['eval_loss']) for l in logs if 'eval_loss' in l]
+    if main:
+        progress.plot()
+        record_base(out, base, run_dir=cfg.run_dir)
+    start_step = int(Path(last).name.split('-')[-1]) if last else 0
     trainable, n_params = model.get_nb_trainable_parameters()
-    tokens = sum(lengths)*(total/steps_per_epoch if steps_per_epoch else 0)
-    summary = dict(student=cfg.student, base=base, adapter=str(out.resolve()), load_in_4bit=four_bit,
-                   steps=trainer.state.global_step, epochs=trainer.state.epoch, resumed_from=last,
+    steps_run = trainer.state.global_step - start_step
+    tokens = sum(lengths)*steps_run/steps_per_epoch if steps_per_epoch else 0
+    summary = dict(student=cfg.student, base=base, adapter=str(out.resolve()), load_in_4bit=four_bit, method=cfg.method,
+                   steps=trainer.state.global_step, steps_this_run=steps_run, epochs=trainer.state.epoch, resumed_from=last,
                    train_examples=len(train_ds), val_examples=len(val_ds) if val_ds is not None else 0,
+                   train_data=str(train_path), val_data=str(val_path) if val_path else None,
                    first_loss=progress.train[0][1] if progress.train else None,
                    final_loss=progress.train[-1][1] if progress.train else None, train_loss=result.training_loss,
                    eval_loss=progress.eval[-1][1] if progress.eval else None,
@@ -367,35 +394,14 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
                    mean_tokens=round(sum(lengths)/len(lengths), 1), max_tokens=max(lengths),
                    n_answer_truncated=n_cut, n_val_answer_truncated=n_cut_val,
                    trainable_params=trainable, total_params=n_params,
-                   lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, epochs_planned=cfg.epochs,
-                   rope_factor=cfg.rope_factor, rope_type=cfg.rope_type if cfg.rope_factor else None)
+                   lr=trainer.args.learning_rate, batch_size=trainer.args.per_device_train_batch_size,
+                   grad_accum=trainer.args.gradient_accumulation_steps, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                   epochs_planned=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
+                   rope_factor=cfg.rope_factor, rope_type=cfg.rope_type if cfg.rope_factor else None,
+                   prompt=_prompt_settings(cfg))
     summary['processes'] = trainer.args.world_size
-    if main: (out/'train_summary.json').write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding='utf-8')
+    if extra_summary is not None: summary.update(extra_summary(trainer))
+    if main: (out/'train_summary.json').write_text(json.dumps(summary, ensure_ascii=False, indent=2, default=str), encoding='utf-8')
     return summary
 
-# %% ../nbs/05_train.ipynb #c845d209
-def load_student(base:Optional[str]=None,   # base model; None reads it from the adapter's config
-                 adapter=None,              # adapter folder from `train_student`; None for the bare base
-                 merge:bool=False,          # fold the adapter into the weights (faster generation)
-                 load_in_4bit:bool=False,   # quantise the base on load
-                 rope_factor:Optional[float]=None, # RoPE scaling; None: as recorded in the adapter's train_summary.json
-                 rope_type:str='linear'):   # RoPE scaling type when `rope_factor` is given
-    "A student `(model, tokenizer)` ready for generation."
-    from transformers import AutoTokenizer
-    if base is None:
-        if adapter is None: raise ValueError("give a base model, an adapter folder, or both")
-        base = json.loads((Path(adapter)/'adapter_config.json').read_text())['base_model_name_or_path']
-    trained = Path(adapter)/'train_summary.json' if adapter is not None else None
-    if rope_factor is None and trained is not None and trained.exists():   # the RoPE scaling the adapter was trained with
-        rec = json.loads(trained.read_text(encoding='utf-8'))
-        rope_factor, rope_type = rec.get('rope_factor'), rec.get('rope_type') or rope_type
-    model = load_base(base, load_in_4bit=load_in_4bit, rope_factor=rope_factor, rope_type=rope_type)
-    if torch.cuda.is_available() and not load_in_4bit: model.to('cuda')   # 4-bit loads are placed by load_base itself
-    tok_dir = adapter if adapter is not None and (Path(adapter)/'tokenizer_config.json').exists() else base
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    if adapter is not None:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, str(adapter))
-        if merge: model = model.merge_and_unload()
-    model.config.use_cache = True
-    return model.eval(), tokenizer
+METHODS.register('sft', train_student)

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from stockdistill.data import load_bars
-from stockdistill.dataset import (INDICATOR_DECIMALS, PRICE_FIELDS, SPLITS, build_dataset, class_counts, count_tokens,
-                                  fit_prompt, format_change, make_prompt, make_record, parse_prompt, read_jsonl,
-                                  window_change, window_slice)
+from stockdistill.dataset import SPLITS, build_dataset, class_counts, make_record, read_jsonl
+from stockdistill.prompt import (INDICATOR_DECIMALS, PRICE_FIELDS, count_tokens, fit_prompt, format_change, make_prompt,
+                                 parse_prompt, window_change, window_slice)
 
 FIXTURES = Path(__file__).parent/'fixtures'
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,7 +92,7 @@ def test_parse_inverts_make_with_indicators(n, seed):
 
 
 def test_parse_rejects_foreign_text():
-    with pytest.raises(ValueError, match='does not start with'): parse_prompt('请分析贵州茅台')
+    with pytest.raises(ValueError, match="no '股票 <code>"): parse_prompt('请分析贵州茅台')
     p = make_prompt('600031', random_bars(3, 0))
     with pytest.raises(ValueError, match='近5日 but lists 3 days'): parse_prompt(p.replace('近3日', '近5日'))
 

@@ -125,7 +125,7 @@ def test_direction_of(text, want):
 def test_direction_of_agrees_with_the_rule_teacher():
     from stockdistill.teacher import RuleTeacher
     from stockdistill.data import load_bars
-    from stockdistill.dataset import make_prompt
+    from stockdistill.prompt import make_prompt
     from stockdistill.config import bundled_codes
     t = RuleTeacher()
     prompts = [make_prompt(c, load_bars(c).iloc[-(30 + k*40):len(load_bars(c)) - k*40])
@@ -186,7 +186,7 @@ def tiny_models(tmp_path_factory):
     from stockdistill.train import build_tiny_student
     from stockdistill.teacher import RuleTeacher
     from stockdistill.data import load_bars
-    from stockdistill.dataset import make_prompt
+    from stockdistill.prompt import make_prompt
     d = tmp_path_factory.mktemp('evalcli')
     codes = ['600031', '000002', '601138', '000333', '000651']
     prompts = [make_prompt(c, load_bars(c).iloc[-8:]) for c in codes]
@@ -209,7 +209,7 @@ def test_evaluate_cli_prints_both_seed_lines_and_writes_json(tiny_models):
     out = d/'metrics.json'
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
     r = subprocess.run([sys.executable, '-m', 'stockdistill.evaluate', '--data', str(data), '--base-model', str(d/'base'),
-                        '--tuned-model', str(d/'adapter'), '--max-new-tokens', '8', '--out', str(out)],
+                        '--tuned-model', str(d/'adapter'), '--max-new-tokens', '8', '--metrics', str(out)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert SEED_RE.search(r.stdout), r.stdout

@@ -1,4 +1,4 @@
-"""Tests of stockdistill.inference: echo stripping, batched generation (order, EOS, merge), `ask` and its CLI."""
+"""Tests of the generation core (echo stripping, batched generation: order, EOS, merge) and of `ask` and its CLI."""
 import json
 import os
 import subprocess
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stockdistill.inference import strip_echo, extract_codes, generate_answers, recent_bars, ask, load_model
-from stockdistill.train import ANSWER_MARK, format_example
+from stockdistill.generate import strip_echo, generate_answers, load_model
+from stockdistill.inference import extract_codes, ask, stock_bars, latest_prompt
+from stockdistill.prompt import ANSWER_MARK, format_example
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +36,10 @@ def test_extract_codes():
     with pytest.raises(ValueError, match='no six-digit stock code'): extract_codes('请问茅台未来走势如何？')
 
 
-def test_recent_bars_clear_error_for_a_code_not_bundled():
-    with pytest.raises(ValueError, match='not in the bundled data.*--source eastmoney'): recent_bars('600000')
-    bars = recent_bars('600031', days=7)
-    assert len(bars) == 7 and bars['date'].is_monotonic_increasing
+def test_stock_bars_clear_error_for_a_code_not_bundled():
+    with pytest.raises(ValueError, match='not in the bundled data.*--data-source eastmoney'): stock_bars('600000')
+    bars = stock_bars('600031')
+    assert len(bars) > 1000 and bars['date'].is_monotonic_increasing
 
 
 # ---------- generation ----------
@@ -48,7 +49,7 @@ def tiny(tmp_path_factory):
     "A tiny random student on real prompts of different lengths, saved to a folder."
     from stockdistill.train import build_tiny_student
     from stockdistill.data import load_bars
-    from stockdistill.dataset import make_prompt
+    from stockdistill.prompt import make_prompt
     prompts = [make_prompt(c, load_bars(c).iloc[-n:]) for c, n in
                [('600031', 9), ('000002', 3), ('601138', 14), ('000333', 5), ('000651', 2), ('600031', 6)]]
     d = tmp_path_factory.mktemp('tiny')/'student'
@@ -101,7 +102,7 @@ def test_auto_prefill_is_each_on_cpu_and_sampling_goes_through_the_cache(tiny):
 
 
 def test_prefilled_cache_holds_each_prompt_as_computed_alone(tiny):
-    from stockdistill.inference import prefilled_cache, _cache_arg
+    from stockdistill.generate import prefilled_cache, _cache_arg
     model, tok, prompts, _ = tiny
     rows = [tok(format_example(p))['input_ids'] for p in prompts]
     width = max(map(len, rows)) - 1
@@ -169,21 +170,36 @@ def test_bad_batch_size(tiny):
 
 # ---------- ask and the CLI ----------
 
-def test_ask_with_an_adapter_folder_student(tiny, tmp_path):
+def test_ask_builds_the_dataset_prompt_for_the_same_window(monkeypatch):
+    "As of a window's last day, `ask` writes exactly the prompt the dataset wrote for that window, with the same settings."
+    from stockdistill.config import DistillConfig
+    from stockdistill.dataset import build_dataset
+    import stockdistill.inference as inf
+    bars = stock_bars('000333')
+    for kw in (dict(window=12), dict(window=30, indicators=True, max_tokens=1200)):
+        r = build_dataset(codes=['000333'], windows=2, verbose=False, **kw)['train'][0]
+        cut = bars[bars['date'] <= r['end']].reset_index(drop=True)      # the market as of the window's last day
+        monkeypatch.setattr(inf, 'stock_bars', lambda code, source='bundled': cut)
+        assert latest_prompt('000333', DistillConfig(**kw)) == r['prompt']
+
+
+def test_ask_uses_the_settings_the_adapter_was_trained_with(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
+    from stockdistill.config import DistillConfig
     _, _, prompts, d = tiny
-    model, tok = load_model(d)                          # loaded from its folder, so the adapter records its base
+    model, tok = load_model(d)
+    run = DistillConfig(runs_dir=str(tmp_path), run_name='r', window=6)
+    run.save()
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'],
                                             init_lora_weights=False, task_type='CAUSAL_LM'))
-    peft.save_pretrained(tmp_path/'adapter')
-    cfg = json.loads((tmp_path/'adapter'/'adapter_config.json').read_text())
-    assert Path(cfg['base_model_name_or_path']) == d
-    res = ask('请问股票600031未来走势如何？', student=tmp_path/'adapter', teacher='rule', summary_days=6,
-              max_new_tokens=6, verbose=False)
+    peft.save_pretrained(run.adapter_dir)
+    (run.adapter_dir/'train_summary.json').write_text(json.dumps({'prompt': {'window': 6, 'indicators': False, 'max_tokens': None,
+                                                                              'context': '', 'counted': 'characters'}}))
+    res = ask('请问股票600031未来走势如何？', student=run.adapter_dir, max_new_tokens=6, verbose=False)
     p = res[0]['prompt']
-    assert p.startswith('请问股票600031未来走势如何？\n股票 600031 近6日K线数据')
+    assert p.startswith('股票 600031 近6日K线数据') and p == latest_prompt('600031', DistillConfig(window=6))
     assert res[0]['student'] == generate_answers(peft, tok, [p], max_new_tokens=6)[0]
-    assert json.loads(res[0]['teacher'])['prediction']
+    assert json.loads(res[0]['teacher'])['prediction']     # the run's teacher, the rule teacher
 
 
 def run_cli(*args, env=None):
@@ -193,25 +209,26 @@ def run_cli(*args, env=None):
                           cwd=ROOT, env=e, timeout=180)
 
 
-def test_cli_code_not_bundled_is_a_clear_error(tiny):
-    r = run_cli('请问股票600000未来走势如何？', '--student', str(tiny[3]))
-    assert r.returncode == 2 and 'stock 600000 is not in the bundled data' in r.stderr and '--source eastmoney' in r.stderr
-    r = run_cli('请问茅台未来走势如何？', '--student', str(tiny[3]))
+def test_cli_code_not_bundled_is_a_clear_error(tiny, tmp_path):
+    r = run_cli('请问股票600000未来走势如何？', '--student', str(tiny[3]), '--runs-dir', str(tmp_path))
+    assert r.returncode == 2 and 'stock 600000 is not in the bundled data' in r.stderr and '--data-source eastmoney' in r.stderr
+    assert 'Traceback' not in r.stderr and r.stderr.strip().splitlines()[-1].startswith('stockdistill ask: error: stock 600000')
+    r = run_cli('请问茅台未来走势如何？', '--student', str(tiny[3]), '--runs-dir', str(tmp_path))
     assert r.returncode == 2 and 'no six-digit stock code' in r.stderr
 
 
-def test_cli_prints_prompt_teacher_and_student(tiny):
-    r = run_cli('请问股票600031未来走势如何？', '--student', str(tiny[3]), '--teacher', 'rule', '--summary-days', '8',
-                '--max-new-tokens', '6')
+def test_cli_prints_prompt_teacher_and_student(tiny, tmp_path):
+    r = run_cli('请问股票600031未来走势如何？', '--student', str(tiny[3]), '--teacher', 'rule', '--window', '8',
+                '--max-new-tokens', '6', '--runs-dir', str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert out.index('=== 600031 prompt ===') < out.index('=== teacher ===') < out.index('=== student ===')
     assert '股票 600031 近8日K线数据' in out and '"prediction"' in out
 
 
-def test_cli_skips_a_teacher_without_key(tiny):
+def test_cli_skips_a_teacher_without_key(tiny, tmp_path):
     r = run_cli('请问股票600031未来走势如何？', '--student', str(tiny[3]), '--teacher', 'deepseek-r1',
-                '--summary-days', '5', '--max-new-tokens', '4')
+                '--window', '5', '--max-new-tokens', '4', '--runs-dir', str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert '[teacher skipped: set the environment variable ARK_API_KEY' in r.stdout
     assert '=== teacher ===' not in r.stdout and '=== student ===' in r.stdout

@@ -198,7 +198,7 @@ def test_rule_teacher_contract(dataset):
 
 
 def test_rule_teacher_reads_the_window_not_the_outcome(dataset):
-    from stockdistill.dataset import parse_prompt, make_prompt
+    from stockdistill.prompt import parse_prompt, make_prompt
     rule = RuleTeacher()
     r = dataset[0]
     code, bars, change = parse_prompt(r['prompt'])
@@ -222,7 +222,7 @@ def test_rule_teacher_rejects_a_prompt_without_a_window():
 def test_rule_teacher_answers_any_window(returns, seed):
     import numpy as np
     import pandas as pd
-    from stockdistill.dataset import make_prompt
+    from stockdistill.prompt import make_prompt
     rng = np.random.default_rng(seed)
     close = 10*np.cumprod(1 + np.array(returns))
     bars = pd.DataFrame({'date': pd.bdate_range('2024-01-02', periods=len(close)), 'open': close*(1 + rng.normal(0, .005, len(close))),
@@ -265,7 +265,7 @@ def test_hf_teacher_stops_at_the_generation_configs_eos(tmp_path):
         first = model.generate(**tok(prompts[0], return_tensors='pt'), max_new_tokens=1, do_sample=False,
                                pad_token_id=tok.pad_token_id)[0, -1].item()
     model.generation_config.eos_token_id = [tok.eos_token_id, first]
-    res = HFTeacher(model, tok, batch_size=2, max_new_tokens=8, chat=False).answer(prompts)
+    res = HFTeacher(model, tok, batch_size=2, max_new_tokens=8, prompt_format='raw').answer(prompts)
     assert res[0]['usage']['completion_tokens'] == 0
     assert 0 < res[1]['usage']['completion_tokens'] <= 8
 

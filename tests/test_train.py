@@ -6,8 +6,9 @@ import textwrap
 import pytest
 import torch
 from stockdistill.config import DistillConfig
-from stockdistill.train import (ANSWER_MARK, LabelCollator, _demo_texts, format_example, load_base, load_student,
-                                train_student, train_tiny_tokenizer, build_tiny_student)
+from stockdistill.train import LabelCollator, _demo_texts, train_student, train_tiny_tokenizer, build_tiny_student
+from stockdistill.prompt import ANSWER_MARK, format_example
+from stockdistill.generate import load_base, load_student
 from stockdistill.rope import scale_rope
 
 @pytest.fixture(scope='module')
@@ -97,11 +98,22 @@ def test_adapter_reloads_in_a_fresh_process_with_plain_peft(trained, records, tm
     subprocess.run([sys.executable, '-c', script], check=True, capture_output=True, timeout=120)
     torch.testing.assert_close(torch.load(tmp_path/'logits.pt'), mine, atol=1e-5, rtol=1e-5)
 
-def test_resume_continues_from_the_last_checkpoint(trained):
+def test_resume_only_when_the_training_is_the_same(trained, capsys):
+    "An identical rerun resumes (no step lost, the whole loss history kept); another lr or step count trains anew."
     cfg, train, val, s = trained
-    s2 = train_student(cfg.replace(max_steps=28), train, None, resume=True)
+    s2 = train_student(cfg, train, val, resume=True)
     assert s2['resumed_from'] and s2['resumed_from'].endswith('checkpoint-24')
-    assert s2['steps'] == 28 and len(s2['losses']) < len(s['losses'])
+    assert (s2['steps'], s2['steps_this_run'], s2['losses']) == (24, 0, s['losses'])
+    s3 = train_student(cfg.replace(max_steps=4, lr=1e-3), train, val, resume=True)
+    assert s3['resumed_from'] is None and (s3['steps'], s3['steps_this_run'], s3['lr']) == (4, 4, 1e-3)
+    assert 'training settings changed since the last checkpoint (lr, max_steps)' in capsys.readouterr().out
+    summary = json.loads((cfg.adapter_dir/'train_summary.json').read_text())
+    assert (summary['steps'], summary['lr']) == (4, 1e-3) and len(summary['losses']) == len(s3['losses'])
+
+def test_an_explicit_value_wins_over_the_tiny_preset(records, tmp_path):
+    cfg = DistillConfig(run_name='p', runs_dir=str(tmp_path), max_steps=1, lr=1e-4, batch_size=1, seed=0)
+    s = train_student(cfg, _write(tmp_path/'train.jsonl', records[:4]))
+    assert (s['lr'], s['batch_size'], s['grad_accum'], s['lora_r']) == (1e-4, 1, 1, 16)   # the preset fills only what is unset
 
 def test_qlora_runs_on_cpu(tmp_path, records):
     base = tmp_path/'base'

@@ -24,9 +24,9 @@ import torch
 
 from stockdistill.config import bundled_codes
 from stockdistill.data import load_bars
-from stockdistill.dataset import fit_prompt
-from stockdistill.inference import generate_answers, strip_echo
-from stockdistill.train import build_tiny_student, format_example
+from stockdistill.prompt import fit_prompt, format_example
+from stockdistill.generate import generate_answers, strip_echo
+from stockdistill.train import build_tiny_student
 
 
 def real_prompts(n:int, window:int=30, max_tokens:int=None) -> list[str]:

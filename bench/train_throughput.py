@@ -6,7 +6,7 @@
         --mode both --steps 8 --seq-len 2048 --batch 4                                          # DDP on 2 GPUs
 
 The model is built at random with the exact config (Qwen1.5-7B is the Qwen2 architecture), saved to a local folder,
-and loaded back with `stockdistill.train.load_base` (bitsandbytes quantises on load), then wrapped by `add_lora` and
+and loaded back with `stockdistill.generate.load_base` (bitsandbytes quantises on load), then wrapped by `add_lora` and
 trained by the HF `Trainer` with `training_arguments`: the same functions `train_student` uses. Prints tokens/s,
 peak GPU memory and the share of the GPU's dense bf16 peak (989 TFLOP/s for an H200 SXM).
 
@@ -81,11 +81,12 @@ def run(folder:Path, cfg, n_matmul:int, mode:str, steps:int, seq_len:int, batch:
     "Train `steps` optimizer steps with the student's LoRA/QLoRA path; return the measured figures."
     from transformers import Trainer, TrainerCallback
     from stockdistill.config import DistillConfig
-    from stockdistill.train import load_base, add_lora, training_arguments
+    from stockdistill.generate import load_base
+    from stockdistill.train import add_lora, resolve_training, training_arguments
     cuda = torch.cuda.is_available()
     if cuda: torch.cuda.reset_peak_memory_stats(); torch.cuda.empty_cache()
-    dc = DistillConfig(student=str(folder), load_in_4bit=mode == 'qlora', batch_size=batch, grad_accum=grad_accum,
-                       max_steps=steps, lr=1e-4)
+    dc = resolve_training(DistillConfig(student=str(folder), load_in_4bit=mode == 'qlora', batch_size=batch,
+                                        grad_accum=grad_accum, max_steps=steps, lr=1e-4))
     t0 = time.time()
     model = load_base(str(folder), load_in_4bit=dc.load_in_4bit)
     load_s = time.time() - t0

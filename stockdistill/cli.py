@@ -64,7 +64,9 @@ def parse_command(argv:Optional[list]=None) -> tuple:
         d = DistillConfig().replace(**{k: getattr(args, k) for k in ('run_name', 'runs_dir') if hasattr(args, k)})
         if d.config_file.exists(): base = load_config(d.config_file)
     try: cfg = config_from_args(args, base)
-    except (ValueError, TypeError, FileNotFoundError) as e: parser.error(str(e))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[cmd]
+        sub.exit(2, f"stockdistill {cmd}: error: {e}\n")
     return cmd, cfg, own
 
 def _own_dests(cmd:str) -> set:
@@ -138,7 +140,7 @@ def _adapter_base(adapter) -> str:
 def main(argv:Optional[list]=None):
     "Console entry point: `stockdistill [COMMAND] [flags]` (`--help` lists the commands)."
     cmd, cfg, own = parse_command(argv)
-    try: return run_command(cmd, cfg, own)
+    try: run_command(cmd, cfg, own)       # nothing returned: a console script would print it
     except _user_errors() as e:
         print(f"stockdistill {cmd}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -152,7 +152,7 @@ def _csv_path(folder:Path, code:str) -> Path:
     raise FileNotFoundError(f"no {code}.csv or {code}.csv.gz in {folder}")
 
 # %% ../nbs/01_data.ipynb #9b1bfc3d
-EM_BASE_URL = 'https://push2his.eastmoney.com'
+EM_BASE_URL = os.environ.get('STOCKDISTILL_EASTMONEY_URL', 'https://push2his.eastmoney.com')  # a mirror or proxy may stand in
 KLINE_PATH = '/api/qt/stock/kline/get'
 FIELDS1 = 'f1,f2,f3,f4,f5,f6'
 FIELDS2 = ','.join(f'f{i}' for i in range(51, 62))

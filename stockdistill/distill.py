@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 from .config import DistillConfig
 from .dataset import SPLITS, build_dataset, read_jsonl, write_jsonl
-from .teacher import (HFTeacher, get_teacher, label_counts, label_samples, newest_labels,
+from .teacher import (HFTeacher, get_teacher, is_unparseable, label_counts, label_samples, newest_labels,
                                   read_labels, teacher_name)
 from .clean import clean_lines
 
@@ -249,7 +249,7 @@ def label_command(cfg:DistillConfig, teacher=None) -> dict:
             recs = read_jsonl(cfg.prompts_file(s)) if cfg.prompts_file(s).exists() else []
             if not recs: continue
             done = {r['id'] for r in read_labels(f, warn=False) if r.get('teacher') == t.name and not cfg.overwrite
-                    and not str(r.get('error') or '').startswith('transient')}
+                    and not str(r.get('error') or '').startswith('transient') and not (cfg.retry_unparseable and is_unparseable(r))}
             part = lambda r: f.with_name(f"{f.stem}.rank{r}.jsonl")   # process r's label file
             label_samples([r for r in recs if r['id'] not in done], t, part(rank), shard=(rank, world),
                           desc=f'label {s} [{rank}/{world}]', progress=state.is_main_process)
@@ -287,7 +287,7 @@ def main(argv:Optional[list]=None):
     import sys
     from stockdistill.cli import COMMANDS, main as cli_main
     argv = list(sys.argv[1:] if argv is None else argv)
-    return cli_main(argv if argv and argv[0] in COMMANDS else ['distill', *argv])
+    cli_main(argv if argv and argv[0] in COMMANDS else ['distill', *argv])
 
 # %% ../nbs/08_distill.ipynb #236c7158
 #| eval: false

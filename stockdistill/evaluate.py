@@ -388,7 +388,7 @@ def main(argv:Optional[list]=None):
     "`python -m stockdistill.evaluate [flags]`: the same as `stockdistill evaluate`."
     import sys
     from stockdistill.cli import main as cli_main
-    return cli_main(['evaluate', *(sys.argv[1:] if argv is None else argv)])
+    cli_main(['evaluate', *(sys.argv[1:] if argv is None else argv)])
 
 # %% ../nbs/07_evaluate.ipynb #36075255
 #| eval: false

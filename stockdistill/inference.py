@@ -119,7 +119,7 @@ def main(argv:Optional[list]=None):
     "`python -m stockdistill.inference QUESTION [flags]`: the same as `stockdistill ask`."
     import sys
     from stockdistill.cli import main as cli_main
-    return cli_main(['ask', *(sys.argv[1:] if argv is None else argv)])
+    cli_main(['ask', *(sys.argv[1:] if argv is None else argv)])
 
 # %% ../nbs/06_inference.ipynb #25e52ce0
 #| eval: false

@@ -326,7 +326,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     cfg = (cfg or DistillConfig()).replace(**kwargs)
     if not torch.cuda.is_available() and 'OMP_NUM_THREADS' not in os.environ: torch.set_num_threads(os.cpu_count() or 1)
     train_path = Path(train_path or _default_path(cfg, 'train'))
-    if val_path is None and (p := _default_path(cfg, 'val')).exists() and p != train_path: val_path = p
+    if val_path is None and (p := _default_path(cfg, 'val')).exists() and p.stat().st_size and p != train_path: val_path = p
     train_ds = load_labeled(train_path, columns)
     val_ds = load_labeled(val_path, columns) if val_path else None
     set_seed(cfg.seed)

@@ -13,6 +13,10 @@ answers plain JSON. Modes:
 - `500`        always HTTP 500
 - `400`        always HTTP 400 (a client error, never worth retrying)
 - `hang`       sleeps `hang_s` seconds before answering (to trip the client's timeout)
+- `badjson`    HTTP 200 whose body is cut off mid-JSON (a proxy hiccup): the client cannot parse it
+
+`default_mode` is the mode of a prompt without a marker (`json` unless given), so a test can make every prompt of a
+real dataset fail one way.
 
 Every request is recorded in `server.calls` (prompt, mode, status) so a test can count what was asked.
 """
@@ -37,9 +41,10 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256      # socketserver's default of 5 drops bursts of concurrent connects
 
-    def __init__(self, port: int = 0, delay: float = 0.0, retry_after: float = 1, hang_s: float = 5.0):
+    def __init__(self, port: int = 0, delay: float = 0.0, retry_after: float = 1, hang_s: float = 5.0,
+                 default_mode: str = 'json'):
         super().__init__(('127.0.0.1', port), _Handler)
-        self.delay, self.retry_after, self.hang_s = delay, retry_after, hang_s
+        self.delay, self.retry_after, self.hang_s, self.default_mode = delay, retry_after, hang_s, default_mode
         self.calls: list[dict] = []
         self.lock = threading.Lock()
         self.inflight = self.max_inflight = 0   # requests being answered now / at most at once
@@ -93,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, {'error': {'message': f'no route {self.path}'}})
         req = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))) or b'{}')
         prompt = next((m['content'] for m in reversed(req.get('messages', [])) if m.get('role') == 'user'), '')
-        mode = (m.group(1) if (m := MODE_RE.search(prompt)) else 'json')
+        mode = (m.group(1) if (m := MODE_RE.search(prompt)) else srv.default_mode)
         status = 200
         if mode == '429':
             with srv.lock:
@@ -105,6 +110,11 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.calls.append({'prompt': prompt, 'mode': mode, 'status': status, 't': time.time(),
                               'auth': self.headers.get('Authorization'), 'model': req.get('model')})
+        if mode == 'badjson':
+            data = b'{"id": "chatcmpl-1", "choices": [{"index": 0, "mess'
+            self.send_response(200); self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(data))); self.end_headers(); self.wfile.write(data)
+            return
         if status == 429:
             return self._send(429, {'error': {'message': 'rate limited', 'type': 'rate_limit'}},
                               {'Retry-After': f'{srv.retry_after:g}'})

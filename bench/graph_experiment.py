@@ -1,0 +1,111 @@
+"""The graph-retrieval experiment of 02a_graph: retrieval none/local/global/both, with the rule and rule-graph teachers.
+
+Each condition is one pipeline run (`run_distill`) on the same windows: a fixed --window and no --max-tokens, so the
+teacher and the student see the same bars in every condition and the context is the only difference. The script adds
+what a run does not measure itself (the graph's build and query time, the prompt tokens the context adds, whether
+the label lines carry each prompt's context, and how well the context's own numbers predict the realized moves) and
+writes one JSON that the notebook shows.
+
+Usage: .venv/bin/python bench/graph_experiment.py [--out nbs/results/graph_experiment.json] [--prefix graph]
+           [--only none:rule,both:rule-graph] [distill flags, e.g. --windows 16 --window 10 --student tiny]
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+CONDITIONS = [('none', 'rule'), ('local', 'rule'), ('global', 'rule'), ('both', 'rule'),
+              ('local', 'rule-graph'), ('global', 'rule-graph'), ('both', 'rule-graph')]
+DEFAULTS = ['--windows', '16', '--window', '10', '--max-new-tokens', '128', '--gen-batch-size', '64', '--overwrite']
+
+
+def machine() -> str:
+    "Cores and accelerator of this machine, in words."
+    import torch
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ', no GPU'
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}){gpu}, load average {os.getloadavg()[0]:.1f} at the start"
+
+
+def build_cost(cfg, tokenizer) -> dict:
+    "Build the run's prompts once on a fresh market: wall time, graph builds and queries, prompt and context length."
+    from stockdistill import graph
+    from stockdistill.dataset import SPLITS, build_dataset
+    from stockdistill.prompt import count_tokens
+    graph._MARKETS.clear()
+    t = time.perf_counter()
+    ds = build_dataset(cfg, tokenizer=tokenizer, verbose=False)
+    wall = time.perf_counter() - t
+    st = next(iter(graph._MARKETS.values())).stats if graph._MARKETS else dict(builds=0, build_s=0, queries=0, query_s=0)
+    recs = [r for s in SPLITS for r in ds[s]]
+    ctx = [r['prompt'][:len('\n'.join(r['context'])) + 1] if r.get('context') else '' for r in recs]
+    tokens = [count_tokens(r['prompt'], tokenizer) for r in recs]
+    bare = [count_tokens(r['prompt'][len(c):], tokenizer) for r, c in zip(recs, ctx)]
+    mean = lambda xs: sum(xs)/len(xs) if xs else 0.0
+    return dict(build_s=round(wall, 2), graph_builds=st['builds'], graph_build_s=round(st['build_s'], 2),
+                graph_queries=st['queries'], query_ms=round(1000*st['query_s']/max(1, st['queries']), 2),
+                with_context=round(mean([bool(c) for c in ctx]), 3), prompt_chars=round(mean([len(r['prompt']) for r in recs]), 1),
+                context_chars=round(mean([len(c) for c in ctx]), 1), prompt_tokens=round(mean(tokens), 1),
+                tokens_added=round(mean([a - b for a, b in zip(tokens, bare)]), 1),
+                counted='characters' if tokenizer is None else 'tokens')
+
+
+def labels_carry_context(cfg, teacher:str) -> bool:
+    "Whether every label line of the run's training prompts carries exactly its prompt's context blocks."
+    from stockdistill.dataset import read_jsonl
+    from stockdistill.teacher import teacher_name
+    prompts = {r['id']: r.get('context') for r in read_jsonl(cfg.prompts_file('train'))}
+    lines = [r for r in read_jsonl(cfg.labels_file('train', teacher_name(teacher))) if r.get('id') in prompts]
+    return bool(lines) and all(r.get('context') == prompts[r['id']] for r in lines)
+
+
+def row(cfg, retrieval:str, teacher:str, metrics:dict, cost:dict) -> dict:
+    "One line of the results table."
+    a, b, t = metrics['after'], metrics['before'], metrics.get('teacher', {})
+    pick = lambda d, k: None if d.get(k) is None else round(d[k], 4)
+    return dict(run=cfg.run_name, retrieval=retrieval, teacher=teacher, n_val=metrics['n'],
+                teacher_acc=pick(t, 'accuracy'), teacher_mcc=pick(t, 'mcc'),
+                student_acc=pick(a, 'accuracy'), student_mcc=pick(a, 'mcc'), base_acc=pick(b, 'accuracy'),
+                agreement=pick(a, 'direction_agreement'), bleu=pick(a, 'bleu'), rougeL=pick(a, 'rougeL'),
+                embed=pick(a, 'embed'), json_valid=pick(a, 'json_valid'),
+                **{k: cost[k] for k in ('tokens_added', 'prompt_tokens', 'build_s', 'graph_builds', 'graph_build_s', 'query_ms')},
+                labels_carry_context=labels_carry_context(cfg, teacher),
+                seconds={k: v for k, v in metrics.get('stage_seconds', {}).items() if k in ('label', 'train', 'evaluate', 'total')})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--out', default='nbs/results/graph_experiment.json', help='results JSON to write')
+    p.add_argument('--prefix', default='graph', help='run names are <prefix>-<retrieval>-<teacher>')
+    p.add_argument('--only', default='', help='comma-separated retrieval:teacher conditions (default: all seven)')
+    args, distill_flags = p.parse_known_args(argv)
+    from stockdistill.config import add_config_args, config_from_args
+    from stockdistill.distill import run_distill, student_tokenizer
+    from stockdistill.graph import signal_table
+    from stockdistill.dataset import read_jsonl
+    flags = DEFAULTS + distill_flags
+    base = config_from_args(add_config_args(argparse.ArgumentParser()).parse_args(flags))
+    conds = [tuple(c.split(':')) for c in args.only.split(',') if c] or CONDITIONS
+    out = Path(args.out)
+    res = dict(command='python bench/graph_experiment.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+               flags=flags, machine=machine(), student=base.student, runs=[], costs={}, signal={})
+    tok = student_tokenizer(base)
+    for retrieval, teacher in conds:
+        cfg = base.replace(run_name=f'{args.prefix}-{retrieval}-{teacher}', retrieval=retrieval, teacher=teacher)
+        print(f"=== {cfg.run_name}", flush=True)
+        if retrieval not in res['costs']: res['costs'][retrieval] = build_cost(cfg, tok)
+        metrics = run_distill(cfg, report=True)['metrics']
+        res['runs'].append(row(cfg, retrieval, teacher, metrics, res['costs'][retrieval]))
+        if retrieval == 'both' and not res['signal']:
+            for split in ('train', 'val'):
+                sig = signal_table(read_jsonl(cfg.prompts_file(split)), cfg.flat_band)
+                res['signal'][split] = json.loads(sig.round(4).to_json(orient='index'))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')   # after every run: partial results survive
+        print(json.dumps(res['runs'][-1], ensure_ascii=False), flush=True)
+    print(f"results → {out}")
+
+
+if __name__ == '__main__': main()

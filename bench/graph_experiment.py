@@ -7,10 +7,11 @@ the label lines carry each prompt's context, and how well the context's own numb
 writes one JSON that the notebook shows.
 
 Usage: .venv/bin/python bench/graph_experiment.py [--out nbs/results/graph_experiment.json] [--prefix graph]
-           [--only none:rule,both:rule-graph] [distill flags, e.g. --windows 16 --window 10 --student tiny]
+           [--only none:rule,both:rule-graph] [--collect] [distill flags, e.g. --windows 16 --window 10 --student tiny]
 """
 import argparse
 import json
+from collections import Counter
 import os
 import platform
 import sys
@@ -72,6 +73,7 @@ def row(cfg, retrieval:str, teacher:str, metrics:dict, cost:dict) -> dict:
                 embed=pick(a, 'embed'), json_valid=pick(a, 'json_valid'),
                 **{k: cost[k] for k in ('tokens_added', 'prompt_tokens', 'build_s', 'graph_builds', 'graph_build_s', 'query_ms')},
                 labels_carry_context=labels_carry_context(cfg, teacher),
+                teacher_dirs=dict(Counter(r['teacher'] for r in metrics.get('records', []))), student_dirs=a.get('directions'),
                 seconds={k: v for k, v in metrics.get('stage_seconds', {}).items() if k in ('label', 'train', 'evaluate', 'total')})
 
 
@@ -80,6 +82,7 @@ def main(argv=None):
     p.add_argument('--out', default='nbs/results/graph_experiment.json', help='results JSON to write')
     p.add_argument('--prefix', default='graph', help='run names are <prefix>-<retrieval>-<teacher>')
     p.add_argument('--only', default='', help='comma-separated retrieval:teacher conditions (default: all seven)')
+    p.add_argument('--collect', action='store_true', help="rebuild the table from the runs' metrics.json, keeping --out's costs and signal")
     args, distill_flags = p.parse_known_args(argv)
     from stockdistill.config import add_config_args, config_from_args
     from stockdistill.distill import run_distill, student_tokenizer
@@ -91,9 +94,15 @@ def main(argv=None):
     out = Path(args.out)
     res = dict(command='python bench/graph_experiment.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                flags=flags, machine=machine(), student=base.student, runs=[], costs={}, signal={})
+    if args.collect:
+        old = json.loads(out.read_text(encoding='utf-8'))
+        res.update({k: old[k] for k in ('command', 'flags', 'machine', 'costs', 'signal')})
     tok = student_tokenizer(base)
     for retrieval, teacher in conds:
         cfg = base.replace(run_name=f'{args.prefix}-{retrieval}-{teacher}', retrieval=retrieval, teacher=teacher)
+        if args.collect:
+            res['runs'].append(row(cfg, retrieval, teacher, json.loads(cfg.metrics_file.read_text()), res['costs'][retrieval]))
+            continue
         print(f"=== {cfg.run_name}", flush=True)
         if retrieval not in res['costs']: res['costs'][retrieval] = build_cost(cfg, tok)
         metrics = run_distill(cfg, report=True)['metrics']
@@ -105,6 +114,7 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')   # after every run: partial results survive
         print(json.dumps(res['runs'][-1], ensure_ascii=False), flush=True)
+    if args.collect: out.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')
     print(f"results → {out}")
 
 

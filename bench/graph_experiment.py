@@ -7,7 +7,8 @@ the label lines carry each prompt's context, and how well the context's own numb
 writes one JSON that the notebook shows.
 
 Usage: .venv/bin/python bench/graph_experiment.py [--out nbs/results/graph_experiment.json] [--prefix graph]
-           [--only none:rule,both:rule-graph] [--collect] [distill flags, e.g. --windows 16 --window 10 --student tiny]
+           [--only none:rule,local:rule,global:rule] [--collect] [distill flags, e.g. --student tiny --lr 3e-3]
+The defaults are the embedded student's 30-day prompts: --windows 16 --max-new-tokens 160 --gen-batch-size 66.
 """
 import argparse
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 
 CONDITIONS = [('none', 'rule'), ('local', 'rule'), ('global', 'rule'), ('both', 'rule'),
               ('local', 'rule-graph'), ('global', 'rule-graph'), ('both', 'rule-graph')]
-DEFAULTS = ['--windows', '16', '--window', '10', '--max-new-tokens', '128', '--gen-batch-size', '64', '--overwrite']
+DEFAULTS = ['--windows', '16', '--max-new-tokens', '160', '--gen-batch-size', '66', '--overwrite']
 
 
 def machine() -> str:
@@ -30,8 +31,8 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}){gpu}, load average {os.getloadavg()[0]:.1f} at the start"
 
 
-def build_cost(cfg, tokenizer) -> dict:
-    "Build the run's prompts once on a fresh market: wall time, graph builds and queries, prompt and context length."
+def build_cost(cfg, tokenizer) -> tuple[dict, dict]:
+    "Build the run's prompts once on a fresh market: (wall time, graph builds and queries, prompt and context length; the dataset)."
     from stockdistill import graph
     from stockdistill.dataset import SPLITS, build_dataset
     from stockdistill.prompt import count_tokens
@@ -50,7 +51,7 @@ def build_cost(cfg, tokenizer) -> dict:
                 with_context=round(mean([bool(c) for c in ctx]), 3), prompt_chars=round(mean([len(r['prompt']) for r in recs]), 1),
                 context_chars=round(mean([len(c) for c in ctx]), 1), prompt_tokens=round(mean(tokens), 1),
                 tokens_added=round(mean([a - b for a, b in zip(tokens, bare)]), 1),
-                counted='characters' if tokenizer is None else 'tokens')
+                max_prompt_tokens=max(tokens), counted='characters' if tokenizer is None else 'tokens'), ds
 
 
 def labels_carry_context(cfg, teacher:str) -> bool:
@@ -62,17 +63,30 @@ def labels_carry_context(cfg, teacher:str) -> bool:
     return bool(lines) and all(r.get('context') == prompts[r['id']] for r in lines)
 
 
-def row(cfg, retrieval:str, teacher:str, metrics:dict, cost:dict) -> dict:
+def same_labels(cfg, teacher:str, other, other_teacher:str='rule') -> float|None:
+    "Share of the run's training windows (code, end) whose answer equals the `other` run's for the same window (None without it)."
+    from stockdistill.dataset import read_jsonl
+    from stockdistill.teacher import teacher_name
+    def answers(c, t):
+        f = c.labels_file('train', teacher_name(t))
+        return {(r.get('code'), r.get('end')): r.get('label') for r in read_jsonl(f)} if f.exists() else {}
+    a, b = answers(cfg, teacher), answers(other, other_teacher)
+    both = [k for k in a if k in b]
+    return round(sum(a[k] == b[k] for k in both)/len(both), 4) if both else None
+
+
+def row(cfg, retrieval:str, teacher:str, metrics:dict, cost:dict, labels_as_none=None) -> dict:
     "One line of the results table."
     a, b, t = metrics['after'], metrics['before'], metrics.get('teacher', {})
     pick = lambda d, k: None if d.get(k) is None else round(d[k], 4)
     return dict(run=cfg.run_name, retrieval=retrieval, teacher=teacher, n_val=metrics['n'],
                 teacher_acc=pick(t, 'accuracy'), teacher_mcc=pick(t, 'mcc'),
-                student_acc=pick(a, 'accuracy'), student_mcc=pick(a, 'mcc'), base_acc=pick(b, 'accuracy'),
+                student_acc=pick(a, 'accuracy'), student_mcc=pick(a, 'mcc'), base_acc=pick(b, 'accuracy'), base_mcc=pick(b, 'mcc'),
+                base_agreement=pick(b, 'direction_agreement'),
                 agreement=pick(a, 'direction_agreement'), bleu=pick(a, 'bleu'), rougeL=pick(a, 'rougeL'),
                 embed=pick(a, 'embed'), json_valid=pick(a, 'json_valid'),
                 **{k: cost[k] for k in ('tokens_added', 'prompt_tokens', 'build_s', 'graph_builds', 'graph_build_s', 'query_ms')},
-                labels_carry_context=labels_carry_context(cfg, teacher),
+                labels_carry_context=labels_carry_context(cfg, teacher), labels_as_none=labels_as_none,
                 teacher_dirs=dict(Counter(r['teacher'] for r in metrics.get('records', []))), student_dirs=a.get('directions'),
                 seconds={k: v for k, v in metrics.get('stage_seconds', {}).items() if k in ('label', 'train', 'evaluate', 'total')})
 
@@ -87,7 +101,6 @@ def main(argv=None):
     from stockdistill.config import add_config_args, config_from_args
     from stockdistill.distill import run_distill, student_tokenizer
     from stockdistill.graph import signal_table
-    from stockdistill.dataset import read_jsonl
     flags = DEFAULTS + distill_flags
     base = config_from_args(add_config_args(argparse.ArgumentParser()).parse_args(flags))
     conds = [tuple(c.split(':')) for c in args.only.split(',') if c] or CONDITIONS
@@ -98,23 +111,26 @@ def main(argv=None):
         old = json.loads(out.read_text(encoding='utf-8'))
         res.update({k: old[k] for k in ('command', 'flags', 'machine', 'costs', 'signal')})
     tok = student_tokenizer(base)
+    none = base.replace(run_name=f'{args.prefix}-none-rule', retrieval='none', teacher='rule')   # the no-retrieval run
     for retrieval, teacher in conds:
         cfg = base.replace(run_name=f'{args.prefix}-{retrieval}-{teacher}', retrieval=retrieval, teacher=teacher)
         if args.collect:
-            res['runs'].append(row(cfg, retrieval, teacher, json.loads(cfg.metrics_file.read_text()), res['costs'][retrieval]))
+            res['runs'].append(row(cfg, retrieval, teacher, json.loads(cfg.metrics_file.read_text()), res['costs'][retrieval],
+                                   same_labels(cfg, teacher, none)))
             continue
         print(f"=== {cfg.run_name}", flush=True)
-        if retrieval not in res['costs']: res['costs'][retrieval] = build_cost(cfg, tok)
+        if retrieval not in res['costs']: res['costs'][retrieval] = build_cost(cfg, tok)[0]
         metrics = run_distill(cfg, report=True)['metrics']
-        res['runs'].append(row(cfg, retrieval, teacher, metrics, res['costs'][retrieval]))
-        if retrieval == 'both' and not res['signal']:
-            for split in ('train', 'val'):
-                sig = signal_table(read_jsonl(cfg.prompts_file(split)), cfg.flat_band)
-                res['signal'][split] = json.loads(sig.round(4).to_json(orient='index'))
+        res['runs'].append(row(cfg, retrieval, teacher, metrics, res['costs'][retrieval], same_labels(cfg, teacher, none)))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')   # after every run: partial results survive
         print(json.dumps(res['runs'][-1], ensure_ascii=False), flush=True)
-    if args.collect: out.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')
+    if not args.collect and not res['signal']:   # what the context's own numbers say, read from both blocks' prompts
+        res['costs']['both'], ds = build_cost(base.replace(retrieval='both'), tok)
+        for split in ('train', 'val'):
+            res['signal'][split] = json.loads(signal_table(ds[split], base.flat_band).round(4).to_json(orient='index'))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')
     print(f"results → {out}")
 
 

@@ -78,6 +78,7 @@ def same_labels(cfg, teacher:str, other, other_teacher:str='rule') -> float|None
 def row(cfg, retrieval:str, teacher:str, metrics:dict, cost:dict, labels_as_none=None) -> dict:
     "One line of the results table."
     a, b, t = metrics['after'], metrics['before'], metrics.get('teacher', {})
+    if b.get('json_valid') == 0 and not any(r.get('before') not in (None, 'unknown') for r in metrics.get('records', [])): b = {}   # --skip-base
     pick = lambda d, k: None if d.get(k) is None else round(d[k], 4)
     return dict(run=cfg.run_name, retrieval=retrieval, teacher=teacher, n_val=metrics['n'],
                 teacher_acc=pick(t, 'accuracy'), teacher_mcc=pick(t, 'mcc'),
@@ -91,11 +92,21 @@ def row(cfg, retrieval:str, teacher:str, metrics:dict, cost:dict, labels_as_none
                 seconds={k: v for k, v in metrics.get('stage_seconds', {}).items() if k in ('label', 'train', 'evaluate', 'total')})
 
 
+def skip_base_generation():
+    "Make the evaluation answer '' for the base model instead of generating (the tuned model is generated as before)."
+    import stockdistill.generate as g
+    real = g.generate_answers
+    def generate_answers(model, tok, prompts, *a, desc=None, **kw):
+        return [''] * len(prompts) if desc == 'base model' else real(model, tok, prompts, *a, desc=desc, **kw)
+    g.generate_answers = generate_answers
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--out', default='nbs/results/graph_experiment.json', help='results JSON to write')
     p.add_argument('--prefix', default='graph', help='run names are <prefix>-<retrieval>-<teacher>')
     p.add_argument('--only', default='', help='comma-separated retrieval:teacher conditions (default: all seven)')
+    p.add_argument('--skip-base', action='store_true', help="do not generate with the untuned base model (its columns stay empty): saves a third of the evaluation")
     p.add_argument('--collect', action='store_true', help="rebuild the table from the runs' metrics.json, keeping --out's costs and signal")
     args, distill_flags = p.parse_known_args(argv)
     from stockdistill.config import add_config_args, config_from_args
@@ -111,6 +122,7 @@ def main(argv=None):
         old = json.loads(out.read_text(encoding='utf-8'))
         res.update({k: old[k] for k in ('command', 'flags', 'machine', 'costs', 'signal')})
     tok = student_tokenizer(base)
+    if args.skip_base: skip_base_generation()
     none = base.replace(run_name=f'{args.prefix}-none-rule', retrieval='none', teacher='rule')   # the no-retrieval run
     for retrieval, teacher in conds:
         cfg = base.replace(run_name=f'{args.prefix}-{retrieval}-{teacher}', retrieval=retrieval, teacher=teacher)

@@ -40,7 +40,7 @@ KD_LOSSES = ('forward', 'reverse', 'jsd')
 @dataclass
 class KDSettings:
     "Logit, hidden-state and on-policy distillation (--method kd, kd-hidden, gkd; see 05c_kd)."
-    kd_teacher:Optional[str]=None     # teacher model for logits: 'hf:<folder or hub id>', 'tiny' (the embedded teacher) or an http(s):// server with logprobs (offline only); None: the run's first teacher if it is 'hf:', else the embedded teacher
+    kd_teacher:Optional[str]=None     # teacher model for logits: 'hf:<folder or hub id>', 'tiny-teacher' (the embedded teacher) or an http(s):// server with logprobs (offline only); None: the run's first teacher if it is 'hf:', else the embedded teacher
     kd_teacher_model:Optional[str]=None # model name served at an http(s) kd_teacher (None: --teacher-model)
     kd_alpha:float=0.5                # weight of the distillation term; 1 - kd_alpha goes to cross-entropy on the label
     kd_temperature:float=1.0          # softmax temperature T of both distributions in the distillation term (scaled by T²)
@@ -84,8 +84,10 @@ def _embedded_teacher() -> Path:
 def kd_teacher_spec(cfg:DistillConfig) -> str:
     "The teacher whose logits the student learns from: 'hf:<model>', 'tiny' (the embedded teacher) or an http(s) URL."
     spec = cfg.settings(KDSettings).kd_teacher
-    if spec: return spec if spec == 'tiny' or spec.startswith('hf:') or re.match(r'https?://', spec) else f'hf:{spec}'
+    if spec in ('tiny', 'tiny-teacher'): return 'tiny'
+    if spec: return spec if spec.startswith('hf:') or re.match(r'https?://', spec) else f'hf:{spec}'
     if cfg.teachers[0].startswith('hf:'): return cfg.teachers[0]
+    if cfg.teachers[0] == 'tiny-teacher': return 'tiny'   # the named embedded teacher (10_embedded)
     if (_embedded_teacher()/'config.json').exists(): return 'tiny'
     raise ValueError(f"--kd-teacher: the run's teacher {cfg.teachers[0]!r} is not a model, so name the teacher model whose "
                      "logits the student learns from (hf:<folder or hub id>, or an http(s):// server for --kd-logits offline)")

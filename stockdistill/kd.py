@@ -749,23 +749,34 @@ def _scores(probs:np.ndarray, y) -> dict:
 
 def calibrate(model, tokenizer,
               train_records:list,        # training records: their prediction phrases
-              fit_records:list,          # records to fit T on (validation), with `outcome`
+              fit_records:Optional[list], # records to fit T on (validation), with `outcome`; None: cross-fit on `eval_records`
               eval_records:list,         # records to measure on (test, else validation), with `outcome`
-              eval_split:str='test') -> dict: # the name of the measured split, kept in the result
+              eval_split:str='test',     # the name of the measured split, kept in the result
+              folds:int=2) -> dict:      # cross-fitting folds when `fit_records` is None
     "Direction probabilities of `model`, a temperature fitted on `fit_records`, scores on `eval_records` before/after."
     phrases = prediction_phrases(train_records)
     real = lambda recs: [r for r in recs if (r.get('outcome') or {}).get('direction') in DIRECTIONS]
-    fit_records, eval_records = real(fit_records), real(eval_records)
-    if not fit_records or not eval_records: raise ValueError("calibration needs records with realized outcomes (outcome.direction)")
-    fit_lp, _ = direction_logprobs(model, tokenizer, [r['prompt'] for r in fit_records], phrases)
+    eval_records = real(eval_records)
+    fit_records = None if fit_records is None else real(fit_records)
+    if not eval_records or fit_records == []: raise ValueError("calibration needs records with realized outcomes (outcome.direction)")
     ev_lp, mass = direction_logprobs(model, tokenizer, [r['prompt'] for r in eval_records], phrases)
-    y_fit, y = [r['outcome']['direction'] for r in fit_records], [r['outcome']['direction'] for r in eval_records]
-    T = fit_temperature(fit_lp, y_fit)
-    raw, scaled = scale_probs(ev_lp, 1.0), scale_probs(ev_lp, T)
-    return dict(split=eval_split, n=len(y), n_fit=len(y_fit), temperature=round(T, 4), mass=round(float(mass.mean()), 4),
-                phrases={d: len(v) for d, v in phrases.items()}, raw=_scores(raw, y), scaled=_scores(scaled, y),
-                mean_probs={d: round(float(v), 4) for d, v in zip(DIRECTIONS, raw.mean(0))},
+    y = [r['outcome']['direction'] for r in eval_records]
+    raw = scale_probs(ev_lp, 1.0)
+    if fit_records is not None:
+        fit_lp, _ = direction_logprobs(model, tokenizer, [r['prompt'] for r in fit_records], phrases)
+        Ts = [fit_temperature(fit_lp, [r['outcome']['direction'] for r in fit_records])]
+        scaled, n_fit = scale_probs(ev_lp, Ts[0]), len(fit_records)
+    else:   # cross-fitting: each fold's T is fitted on the other folds, so no record is scored with a T fitted on itself
+        fold, scaled, Ts = np.arange(len(y)) % folds, np.zeros_like(raw), []
+        for f in range(folds):
+            Ts.append(fit_temperature(ev_lp[fold != f], [v for v, g in zip(y, fold) if g != f]))
+            scaled[fold == f] = scale_probs(ev_lp[fold == f], Ts[-1])
+        n_fit = int((fold != 0).sum())
+    return dict(split=eval_split, n=len(y), n_fit=n_fit, temperature=round(float(np.mean(Ts)), 4), temperatures=[round(t, 4) for t in Ts],
+                mass=round(float(mass.mean()), 4), phrases={d: len(v) for d, v in phrases.items()}, raw=_scores(raw, y),
+                scaled=_scores(scaled, y), mean_probs={d: round(float(v), 4) for d, v in zip(DIRECTIONS, raw.mean(0))},
                 _arrays=dict(raw=raw, scaled=scaled, y=y))
+
 
 # %% ../nbs/05c_kd.ipynb #be460b23
 def calibrate_run(run_dir,                 # a finished run folder (config.json, adapter, cleaned labels)
@@ -786,9 +797,9 @@ def calibrate_run(run_dir,                 # a finished run folder (config.json,
     adapter = cfg.adapter_dir
     if base: model, tok = load_student(resolve_base(json.loads((adapter/'adapter_config.json').read_text())['base_model_name_or_path'], adapter))
     else: model, tok = load_student(adapter=adapter)
-    res = calibrate(model, tok, read_jsonl(files['train']), recs['val'], recs[split], split)
+    res = calibrate(model, tok, read_jsonl(files['train']), recs['val'] if split == 'test' else None, recs[split], split)
     arr = res.pop('_arrays')
-    if split == 'val': res['note'] = 'no test split: T was fitted and measured on the same validation records'
+    if split == 'val': res['note'] = 'no test split: 2-fold cross-fitting on validation (each half scaled with the T of the other)'
     fig = reliability_diagram(arr['raw'], arr['scaled'], arr['y'], title=f"{run_dir.name}: {split} split, T = {res['temperature']:.2f}")
     fig.savefig(run_dir/'reliability.png', dpi=90)
     import matplotlib.pyplot as plt; plt.close(fig)
@@ -814,3 +825,8 @@ def main(argv:Optional[list]=None):
         res = calibrate_run(r, a.limit, a.base)
         print(f"{r}: {res['split']} n={res['n']} T={res['temperature']:.3f}  raw ECE {res['raw']['ece']:.4f} Brier "
               f"{res['raw']['brier']:.4f}  scaled ECE {res['scaled']['ece']:.4f} Brier {res['scaled']['brier']:.4f}")
+
+# %% ../nbs/05c_kd.ipynb #ff6132a1
+#| eval: false
+from fastcore.imports import IN_NOTEBOOK
+if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m stockdistill.kd`, not a notebook kernel

@@ -223,3 +223,16 @@ def test_direction_probabilities_of_a_student(toy):
     res = calibrate(student, tok, recs[:16], recs[16:20], recs[20:], 'test')
     assert (res['n'], res['n_fit'], res['split']) == (4, 4, 'test') and res['temperature'] > 0
     assert set(res['raw']) == {'ece', 'brier', 'nll', 'accuracy'} and label_text({'a': 1}) == '{"a": 1}'
+
+def test_calibration_without_a_test_split_cross_fits(toy, monkeypatch):
+    "No fit records: each fold is scaled with the temperature fitted on the other folds, never on itself."
+    import stockdistill.kd as kd
+    recs, tok, student = toy['recs'], toy['tok'], toy['student']
+    seen = []
+    real_fit = kd.fit_temperature
+    monkeypatch.setattr(kd, 'fit_temperature', lambda lp, y: seen.append(len(y)) or real_fit(lp, y))
+    res = calibrate(student, tok, recs[:16], None, recs[16:], 'val', folds=2)
+    assert seen == [4, 4] and res['n'] == 8 and len(res['temperatures']) == 2
+    lp = np.log(res['_arrays']['raw'])
+    for f, T in enumerate(res['temperatures']):
+        assert np.allclose(res['_arrays']['scaled'][f::2], scale_probs(lp[f::2], T), atol=1e-3)

@@ -25,10 +25,10 @@ from .prompt import format_example
 from .train import METHODS, LabelCollator, answer_positions, answer_only_loss, train_student
 
 # %% auto #0
-__all__ = ['KD_LOSSES', 'PREDICTION_PREFIX', 'KDSettings', 'kd_settings', 'kd_teacher_spec', 'kd_teacher_name', 'load_kd_teacher',
-           'divergence', 'kd_loss', 'vocab_fingerprint', 'TopK', 'topk_from_rows', 'save_topk', 'load_topk',
-           'teacher_topk', 'server_token_id', 'align_answer', 'server_topk', 'KDCollator', 'kd_collator', 'layer_map',
-           'HiddenProjector', 'KDTrainer', 'load_adapter_weights', 'sample_answers', 'GKDTrainer',
+__all__ = ['KD_LOSSES', 'PREDICTION_PREFIX', 'PREDICTION_END', 'KDSettings', 'kd_settings', 'kd_teacher_spec', 'kd_teacher_name',
+           'load_kd_teacher', 'divergence', 'kd_loss', 'vocab_fingerprint', 'TopK', 'topk_from_rows', 'save_topk',
+           'load_topk', 'teacher_topk', 'server_token_id', 'align_answer', 'server_topk', 'KDCollator', 'kd_collator',
+           'layer_map', 'HiddenProjector', 'KDTrainer', 'load_adapter_weights', 'sample_answers', 'GKDTrainer',
            'student_tokenizer_for', 'topk_path', 'ensure_topk', 'train_kd', 'train_kd_hidden', 'train_gkd',
            'prediction_phrases', 'direction_logprobs', 'scale_probs', 'nll', 'brier', 'ece', 'fit_temperature',
            'reliability_diagram', 'calibrate', 'calibrate_run', 'main']
@@ -643,6 +643,7 @@ METHODS.register('gkd', train_gkd)
 
 # %% ../nbs/05c_kd.ipynb #dc767c70
 PREDICTION_PREFIX = '{"prediction": "'
+PREDICTION_END = '", "analysis": "'   # what follows the phrase in an answer (`label_text` of the JSON)
 
 def prediction_phrases(records:list,         # cleaned training records (their `label`s)
                        per_direction:int=16) -> dict: # most frequent phrases kept per direction
@@ -667,13 +668,19 @@ def direction_logprobs(model, tokenizer,
     cands = [(d, p) for d in DIRECTIONS for p in phrases[d]]
     model.eval()
     out_lp, masses = [], []
+    # the answer is tokenized apart from the prompt, as `LabelCollator` does in training; each candidate is the answer's
+    # start up to the next field, so a phrase counts only where it ends the prediction (BPE may merge the closing quote)
+    def upto_next_field(phrase):   # tokenized with what follows it (BPE merges '", "analysis' into one token), cut after 'analysis'
+        ids, head = tokenizer(PREDICTION_PREFIX + phrase + PREDICTION_END, add_special_tokens=False)['input_ids'], PREDICTION_PREFIX + phrase
+        return ids[:next((i + 1 for i in range(len(ids)) if 'analysis' in tokenizer.decode(ids[:i + 1])[len(head):]), len(ids))]
+    fulls = [upto_next_field(p) for _, p in cands]
+    common = min(next((i for i, (a, b) in enumerate(zip(fulls[0], f)) if a != b), min(len(fulls[0]), len(f))) for f in fulls)
+    common = min(common, min(map(len, fulls)) - 1)   # every candidate keeps at least one token of its own
+    conts = [f[common:] for f in fulls]          # from where the candidates part (BPE-safe)
     for prompt in prompts:
-        head = format_example(prompt, PREDICTION_PREFIX)
-        pre = tokenizer(head, add_special_tokens=False)['input_ids']
-        fulls = [tokenizer(head + p + '"', add_special_tokens=False)['input_ids'] for _, p in cands]
-        cut = max(1, min(next((i for i, (a, b) in enumerate(zip(pre, f)) if a != b), len(pre)) for f in fulls))
-        conts = [f[cut:] for f in fulls]        # the phrase's tokens (from where the texts part, BPE-safe)
-        o = model(input_ids=torch.tensor([pre[:cut]], device=dev), use_cache=True)
+        pre = tokenizer(format_example(prompt), add_special_tokens=False)['input_ids'] + fulls[0][:common]
+        cut = len(pre)
+        o = model(input_ids=torch.tensor([pre], device=dev), use_cache=True)
         cache = getattr(o, arg); cache.batch_repeat_interleave(len(conts))
         m = max(map(len, conts))
         ids = torch.tensor([c + [0]*(m - len(c)) for c in conts], device=dev)
@@ -681,7 +688,7 @@ def direction_logprobs(model, tokenizer,
         o2 = model(input_ids=ids, attention_mask=torch.cat([torch.ones(len(conts), cut, dtype=torch.long, device=dev), mask], 1),
                    position_ids=torch.arange(cut, cut + m, device=dev).expand(len(conts), m), **{arg: cache})
         lp = torch.log_softmax(torch.cat([o.logits[:, -1:].expand(len(conts), 1, -1), o2.logits[:, :-1]], 1).float(), -1)
-        seq = (lp.gather(-1, ids[..., None])[..., 0]*mask).sum(1)            # log P(phrase + '"' | prompt, prefix)
+        seq = (lp.gather(-1, ids[..., None])[..., 0]*mask).sum(1)            # log P(phrase + end | prompt, prefix)
         by_dir = torch.stack([torch.logsumexp(seq[[i for i, (d, _) in enumerate(cands) if d == want]], 0) for want in DIRECTIONS])
         total = torch.logsumexp(by_dir, 0)
         out_lp.append((by_dir - total).cpu().numpy()); masses.append(float(total.exp()))
@@ -775,14 +782,14 @@ def calibrate(model, tokenizer,
     return dict(split=eval_split, n=len(y), n_fit=n_fit, temperature=round(float(np.mean(Ts)), 4), temperatures=[round(t, 4) for t in Ts],
                 mass=round(float(mass.mean()), 4), phrases={d: len(v) for d, v in phrases.items()}, raw=_scores(raw, y),
                 scaled=_scores(scaled, y), mean_probs={d: round(float(v), 4) for d, v in zip(DIRECTIONS, raw.mean(0))},
-                _arrays=dict(raw=raw, scaled=scaled, y=y))
+                _arrays=dict(raw=raw, scaled=scaled, y=y, ids=[r['id'] for r in eval_records]))
 
 
 # %% ../nbs/05c_kd.ipynb #be460b23
 def calibrate_run(run_dir,                 # a finished run folder (config.json, adapter, cleaned labels)
                   limit:Optional[int]=None, # use at most this many records of each split
                   base:bool=False) -> dict: # calibrate the untuned base instead of the adapter
-    "Calibrate a run's student: `calibration.json`, `reliability.png`, and `metrics.json['calibration']`."
+    "Calibrate a run's student: `calibration.json`, `calibration_probs.json` (per window), `reliability.png`, `metrics.json['calibration']`."
     from stockdistill.config import load_config
     from stockdistill.dataset import read_jsonl
     from stockdistill.evaluate import save_metrics
@@ -803,6 +810,9 @@ def calibrate_run(run_dir,                 # a finished run folder (config.json,
     fig = reliability_diagram(arr['raw'], arr['scaled'], arr['y'], title=f"{run_dir.name}: {split} split, T = {res['temperature']:.2f}")
     fig.savefig(run_dir/'reliability.png', dpi=90)
     import matplotlib.pyplot as plt; plt.close(fig)
+    per = [dict(id=i, y=v, raw=[round(float(x), 5) for x in a], scaled=[round(float(x), 5) for x in b])   # per window, in DIRECTIONS order
+           for i, v, a, b in zip(arr['ids'], arr['y'], arr['raw'], arr['scaled'])]
+    (run_dir/'calibration_probs.json').write_text(json.dumps(per), encoding='utf-8')
     (run_dir/'calibration.json').write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')
     if (run_dir/'metrics.json').exists():
         m = json.loads((run_dir/'metrics.json').read_text(encoding='utf-8'))

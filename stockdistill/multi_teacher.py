@@ -22,7 +22,7 @@ __all__ = ['LOCAL', 'CONSENSUS_FLAT', 'MATRIX_METRICS', 'RANK_CRITERIA', 'MultiT
            'shared_epochs', 'train_teachers', 'Embedder', 'score_against', 'split_metrics', 'eval_splits',
            'evaluate_teachers', 'agreement_matrix', 'teacher_rows', 'parse_rank', 'pick_best', 'multi_teacher_html',
            'compare_teachers', 'plot_agreement', 'run_multi', 'find_adapters', 'read_questions', 'question_prompts',
-           'evaluate_questions', 'main']
+           'evaluate_questions', 'main', 'run_summary']
 
 # %% ../nbs/03b_multi_teacher.ipynb #0719e4e5
 @register_settings
@@ -801,3 +801,18 @@ def main(argv:Optional[list]=None):
 #| eval: false
 from fastcore.imports import IN_NOTEBOOK
 if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m stockdistill.multi_teacher`, not a notebook kernel
+
+# %% ../nbs/03b_multi_teacher.ipynb #32c139a3
+_KEEP = ('accuracy', 'mcc', 'direction_agreement', 'bleu', 'rougeL', 'embed', 'json_valid', 'directions')
+
+def run_summary(models_dir) -> dict: # a multi-teacher run's students folder (`multi_lora`)
+    "`multi_teacher.json` plus each student's scores before and after tuning, its teacher's and the baselines', without answers."
+    root = Path(models_dir)
+    data = json.loads((root/'multi_teacher.json').read_text(encoding='utf-8'))
+    scores = {}
+    for n, d in data['runs'].items():
+        m = json.loads((root/Path(d).name/'metrics.json').read_text(encoding='utf-8'))
+        scores[n] = dict(n=m.get('n_outcomes'), before={k: m['before'].get(k) for k in _KEEP},
+                         after={k: m['after'].get(k) for k in _KEEP}, teacher=m.get('teacher'),
+                         baselines={b: {k: v.get(k) for k in ('accuracy', 'mcc')} for b, v in (m.get('baselines') or {}).items()})
+    return dict(data, scores=scores)

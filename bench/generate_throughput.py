@@ -12,7 +12,11 @@ and the speed-up of each batched prefill mode over one by one, checks that every
 prints the time of the prefills alone (every prompt through the model once, unpadded): batching cannot share that
 work, so one-by-one time / prefill time bounds any batched speed-up. Each way is timed `--repeat` times; the best
 (least disturbed) time of each way gives the speed-up, as `timeit` advises, and the median is printed beside it.
-On a GPU, `--shape qwen1.5-7b` replaces the tiny student by a random model of that exact shape (bf16).
+On a GPU, `--shape qwen1.5-7b` replaces the tiny student by a random model of that exact shape (bf16) and runs the
+GPU suite instead (`gpu_suite`): one by one (the seed's way, eager), batch 1 and batch 64 eager and compiled (static
+KV cache in shape buckets, CUDA graphs: what `generate_answers` does on CUDA), agreement of batched greedy answers
+with one-by-one ones, and `--answers` evaluation answers of `--max-new-tokens` tokens timed end to end, compilation
+included. A random model never emits its end-of-sequence token, so every answer has the full budget.
 """
 import argparse
 import statistics
@@ -68,6 +72,38 @@ def timed(f, repeat:int):
     return out, min(times), statistics.median(times)
 
 
+def gpu_suite(model, tok, prompts, a):
+    "The GPU figures of issue #20: tokens/s at batch 1 and 64, eager and compiled, agreement, and N answers end to end."
+    sync, out = torch.cuda.synchronize, {}
+    def clock(f):
+        sync(); t = time.perf_counter(); r = f(); sync(); return r, time.perf_counter() - t
+    few = prompts[:a.one_by_one]
+    (single, n1), t1 = clock(lambda: one_by_one(model, tok, few, a.max_new_tokens))
+    out['one_by_one_tok_s'] = n1/t1
+    print(f"one by one (eager, the seed's way): {n1/t1:8.1f} tokens/s ({len(few)} prompts)", flush=True)
+    for compile_ in (False, True):
+        tag = 'compiled' if compile_ else 'eager'
+        for bs, ps in ((1, few), (a.batch_size, prompts[:a.batch_size])):
+            stats = {}
+            run = lambda: generate_answers(model, tok, ps, batch_size=bs, max_new_tokens=a.max_new_tokens, compile=compile_,
+                                           prefill='padded', stats=stats)
+            _, t_first = clock(run)                  # the first call compiles (once per shape bucket)
+            ans, t = clock(run)
+            out[f'{tag}_b{bs}_tok_s'] = stats['new_tokens']/t
+            same = sum(x == y for x, y in zip(single, ans))
+            print(f"{tag:8s} batch {bs:3d}: {stats['new_tokens']/t:9.1f} tokens/s (first call {t_first:6.1f} s with compilation; "
+                  f"{t:6.2f} s after){'' if bs != 1 else ''}; same greedy answers as one by one: {same}/{min(len(ans), len(single))}",
+                  flush=True)
+    many = (prompts*((a.answers + len(prompts) - 1)//len(prompts)))[:a.answers]
+    stats = {}
+    _, t = clock(lambda: generate_answers(model, tok, many, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                                          prefill='padded', stats=stats))
+    out['answers_s'] = t
+    print(f"{a.answers} answers of {a.max_new_tokens} tokens, batch {a.batch_size}, compiled (warm buckets): {t:.1f} s, "
+          f"{stats['new_tokens']/t:.0f} tokens/s", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--prompts', type=int, default=64)
@@ -82,6 +118,8 @@ def main():
     ap.add_argument('--layers', type=int, default=2, help='student depth (build_tiny_student default 2)')
     ap.add_argument('--shape', help="a random model of a real shape instead (GPU; see train_throughput.SHAPES)")
     ap.add_argument('--no-compile', action='store_true', help="stop HF generate from compiling decoding (GPU, static cache)")
+    ap.add_argument('--one-by-one', type=int, default=8, help='prompts answered one by one in the GPU suite')
+    ap.add_argument('--answers', type=int, default=1000, help='answers timed end to end in the GPU suite')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     prompts = real_prompts(a.prompts, a.window, a.max_tokens)
@@ -101,6 +139,7 @@ def main():
     print(f"{len(prompts)} prompts ({a.window}-day windows, max_tokens={a.max_tokens or 'none'}), "
           f"{min(lens)}-{max(lens)} tokens (mean {sum(lens)/len(lens):.0f}); max_new_tokens={a.max_new_tokens}; "
           f"batch {a.batch_size}; best and median of {a.repeat}")
+    if a.shape: return gpu_suite(model, tok, prompts, a)
     modes = a.modes.split(',')
     for m in modes: generate_answers(model, tok, prompts[:2], batch_size=2, max_new_tokens=4, prefill=m)  # warm-up
     one_by_one(model, tok, prompts[:1], 4)

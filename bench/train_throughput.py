@@ -1,24 +1,41 @@
-"""Training throughput of the student's LoRA / QLoRA path on a randomly initialised model of a real shape.
+"""Training throughput of the student's LoRA / QLoRA path on a randomly initialised model of a real shape, for several
+set-ups in ONE run on the same model and data.
 
-    python bench/train_throughput.py --shape qwen1.5-7b --mode both --steps 8 --seq-len 2048   # on a GPU
-    python bench/train_throughput.py --shape tiny --mode both --steps 4 --seq-len 256          # on a CPU
+    python bench/train_throughput.py --shape qwen1.5-7b --seq-len 2048 --steps 6      # on a GPU: every set-up
+    python bench/train_throughput.py --shape tiny --seq-len 256 --steps 4 --setups previous,new   # a CPU smoke run
     accelerate launch --config_file configs/accelerate/ddp_2gpu.yaml bench/train_throughput.py --shape qwen1.5-7b \
-        --mode both --steps 8 --seq-len 2048 --batch 4                                          # DDP on 2 GPUs
+        --setups new --folder /shared/qwen7b-random                                     # DDP on 2 GPUs
 
-The model is built at random with the exact config (Qwen1.5-7B is the Qwen2 architecture), saved to a local folder,
-and loaded back with `stockdistill.generate.load_base` (bitsandbytes quantises on load), then wrapped by `add_lora` and
-trained by the HF `Trainer` with `training_arguments`: the same functions `train_student` uses. Prints tokens/s,
-peak GPU memory and the share of the GPU's dense bf16 peak (989 TFLOP/s for an H200 SXM).
+The data are like real training data: every example is a prompt (~83 % of its tokens, no loss) followed by an
+answer (~17 %, the loss), with lengths spread between 80 % and 100 % of `--seq-len` (random tokens; speed does not
+depend on their values). The set-ups (`SETUPS` below) are:
 
-FLOPs per token: with frozen base weights, the backward pass still computes activation gradients (about one more
-forward, 2N) but no weight gradients, so LoRA training costs ~(2 + 2)·N = 4N per token (N = parameters in matmuls,
-i.e. all but the input embedding), plus attention 2·2·L·T·d forward and twice that backward (we count 12·L·T·d in
-total, causal masking not discounted). Gradient checkpointing recomputes the forward (another 2N) but that is not
-useful work, so it is not counted. The usual full fine-tuning figure 6N is printed as well.
+- `seed`      the seed's recipe: QLoRA nf4, batch 1 x gradient accumulation 4, gradient checkpointing, the loss computed
+              by transformers over full-vocabulary logits of every position;
+- `previous`  this project's previous default for a big student on a GPU: bf16 LoRA, batch 4, checkpointing, full logits;
+- `anchor`    what a user would reach for: the previous one without checkpointing plus the HF Trainer's own
+              `use_liger_kernel=True` (Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy);
+- `new`       the new default (`train_student` on CUDA): checkpointing only if the memory estimate needs it, Liger's
+              RMSNorm/SwiGLU/RoPE, logits only for answer positions (`answer_only_loss`), length-grouped batches;
+- `new-pack`  the same with padding-free packing (one row per batch, restarting positions);
+- `qlora-new` the new default on a 4-bit base.
+
+Each set-up runs `--steps` optimizer steps with the same functions `train_student` uses (`load_base`, `add_lora`,
+`training_arguments`, `LabelCollator`, `answer_only_loss`, `needs_checkpointing`); the first two steps are warm-up.
+
+FLOPs per token (the MFU basis): with frozen base weights the backward pass computes activation gradients (about one
+more forward, 2N) but no weight gradients, so LoRA training costs ~(2 + 2)·N = 4N per token (N = parameters in
+matmuls: all but the input embedding, lm_head included), plus attention 12·L·T·d (forward and backward, causal
+masking not discounted). Checkpointing's recomputation is not useful work and is not counted; neither is work that
+is skipped (the answer-only head computes lm_head for ~17 % of positions, the 4N basis counts all of them, as MFU
+counts model FLOPs). `hw_pct` is the share of the peak counting only the lm_head work actually done.
 """
 import argparse
+import gc
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,19 +45,35 @@ SHAPES = {
     'qwen1.5-7b': dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
                        rms_norm_eps=1e-6, tie_word_embeddings=False),
+    'qwen2.5-7b': dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
+                       rms_norm_eps=1e-6, tie_word_embeddings=False),
+    'qwen2.5-32b': dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
+                        rms_norm_eps=1e-6, tie_word_embeddings=False),
     'tiny': dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=2048, max_position_embeddings=4096, tie_word_embeddings=False),
 }
 H200_BF16_PEAK = 989e12
+ANSWER_SHARE = 0.17
 
-def random_model(shape:str, device=None):
+SETUPS = {  # name: (4-bit, batch, grad accum, checkpointing ('auto' | bool), liger ('hf' | 'ours' | False), answer-only, pack)
+    'seed': (True, 1, 4, True, False, False, False),
+    'previous': (False, 4, 1, True, False, False, False),
+    'anchor': (False, 4, 1, False, 'hf', False, False),
+    'new': (False, 4, 1, 'auto', 'ours', True, False),
+    'new-pack': (False, 4, 1, 'auto', 'ours', True, True),
+    'qlora-new': (True, 4, 1, 'auto', 'ours', True, False),
+}
+
+def random_model(shape:str, device=None, dtype=None):
     "A randomly initialised Qwen2 model of `shape` (bf16 on GPU, float32 on CPU), built on its device directly."
     from transformers import Qwen2Config, Qwen2ForCausalLM
     kw = dict(SHAPES[shape]); theta = kw.pop('rope_theta', 1e4)
     cfg = Qwen2Config(**kw, rope_parameters=dict(rope_type='default', rope_theta=theta))
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     with torch.device('meta'): model = Qwen2ForCausalLM(cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16 if device.type == 'cuda' else torch.float32)
+    model = model.to_empty(device=device).to(dtype or (torch.bfloat16 if device.type == 'cuda' else torch.float32))
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -50,7 +83,7 @@ def random_model(shape:str, device=None):
     return model, cfg
 
 def build_random(shape:str, folder:Path):
-    "Save a randomly initialised Qwen2 model of `shape` to `folder`."
+    "Save a randomly initialised Qwen2 model of `shape` to `folder` (with a tokenizer-free config)."
     t0 = time.time()
     model, cfg = random_model(shape)
     model.save_pretrained(folder)
@@ -58,7 +91,7 @@ def build_random(shape:str, folder:Path):
     n = sum(p.numel() for p in model.parameters())
     del model
     if torch.cuda.is_available(): torch.cuda.empty_cache()
-    print(f"built {shape}: {n/1e9:.3f}B parameters ({(n - n_embed)/1e9:.3f}B in matmuls) in {time.time()-t0:.0f}s")
+    print(f"built {shape}: {n/1e9:.3f}B parameters ({(n - n_embed)/1e9:.3f}B in matmuls) in {time.time()-t0:.0f}s", flush=True)
     return cfg, n, n - n_embed
 
 def count_params(cfg) -> tuple:
@@ -68,30 +101,44 @@ def count_params(cfg) -> tuple:
     n = sum(p.numel() for p in model.parameters())
     return n, n - model.get_input_embeddings().weight.numel()
 
-class RandomTokens(torch.utils.data.Dataset):
-    "Fixed-length random token rows (every token is a label)."
-    def __init__(self, n, seq_len, vocab, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (n, seq_len), generator=g)
-    def __len__(self): return len(self.ids)
-    def __getitem__(self, i): return dict(input_ids=self.ids[i], labels=self.ids[i])
+def examples(n:int, seq_len:int, vocab:int, seed:int=0) -> list:
+    "`n` prompt+answer examples of token ids, 80-100 % of `seq_len` long, ~83 % prompt (no loss) and ~17 % answer."
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = int(seq_len*(0.8 + 0.2*torch.rand(1, generator=g).item()))
+        ids = torch.randint(3, vocab, (L,), generator=g).tolist()
+        p = int(L*(1 - ANSWER_SHARE))
+        out.append(dict(id=str(i), ids=ids, labels=[-100]*p + ids[p:], length=L))
+    return out
 
-def run(folder:Path, cfg, n_matmul:int, mode:str, steps:int, seq_len:int, batch:int, grad_accum:int, gc:bool,
-        world:int=1):
-    "Train `steps` optimizer steps with the student's LoRA/QLoRA path; return the measured figures."
+def _collator(pack:bool, answer_only:bool, pad_id:int=0):
+    "A `LabelCollator` over ready token ids (the same batching code as training), without `logits_to_keep` for the HF loss."
+    from stockdistill.train import LabelCollator
+    class TokenCollator(LabelCollator):
+        def __init__(self): self.pack, self.pad_id, self.truncated = pack, pad_id, set()
+        def encode(self, e): return e['ids'], e['labels']
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            if not answer_only: out.pop('logits_to_keep')
+            return out
+    return TokenCollator()
+
+def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:int=1) -> dict:
+    "Train `steps` optimizer steps of set-up `name` on `model` (LoRA added here and removed after); the measured figures."
     from transformers import Trainer, TrainerCallback
+    import datasets
     from stockdistill.config import DistillConfig
-    from stockdistill.generate import load_base
-    from stockdistill.train import add_lora, resolve_training, training_arguments
+    from stockdistill.train import add_lora, answer_only_loss, needs_checkpointing, train_memory_gib, training_arguments
+    four_bit, batch, accum, ckpt, liger, answer_only, pack = SETUPS[name]
     cuda = torch.cuda.is_available()
-    if cuda: torch.cuda.reset_peak_memory_stats(); torch.cuda.empty_cache()
-    dc = resolve_training(DistillConfig(student=str(folder), load_in_4bit=mode == 'qlora', batch_size=batch,
-                                        grad_accum=grad_accum, max_steps=steps, lr=1e-4))
-    t0 = time.time()
-    model = load_base(str(folder), load_in_4bit=dc.load_in_4bit)
-    load_s = time.time() - t0
-    model = add_lora(model, dc.lora_r, dc.lora_alpha, dc.lora_dropout, dc.target_modules, gradient_checkpointing=gc)
-    trainable, total = model.get_nb_trainable_parameters()
+    if not cuda: liger = False                                 # Liger's kernels are Triton: GPU only
+    if ckpt == 'auto': ckpt = needs_checkpointing(model, batch*seq_len, liger=bool(liger)) if cuda else False
+    est = train_memory_gib(model, batch*seq_len, ckpt, bool(liger), ANSWER_SHARE if answer_only else 1.0)
+    dc = DistillConfig(student='bench', batch_size=batch, grad_accum=accum, max_steps=steps, lr=1e-4, lora_r=8,
+                       lora_dropout=0.05, epochs=1.0, liger=False)
+    peft = add_lora(model, dc.lora_r, dc.lora_alpha, dc.lora_dropout, dc.target_modules, gradient_checkpointing=ckpt)
+    data = datasets.Dataset.from_list(examples(steps*batch*accum*world, seq_len, cfg.vocab_size))
     times = []
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -100,70 +147,97 @@ def run(folder:Path, cfg, n_matmul:int, mode:str, steps:int, seq_len:int, batch:
         def on_step_end(self, *a, **k):
             if cuda: torch.cuda.synchronize()
             times.append(time.time() - self.t)
+    if cuda: torch.cuda.reset_peak_memory_stats(); torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as out:
-        args = training_arguments(dc, out, save_strategy='no', logging_steps=max(1, steps//4),
-                                  ddp_find_unused_parameters=False)
-        data = RandomTokens(steps*batch*grad_accum, seq_len, cfg.vocab_size)
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
+        args = training_arguments(dc, out, save_strategy='no', logging_steps=max(1, steps//2), ddp_find_unused_parameters=False,
+                                  group_by_length=not pack and batch > 1, use_liger_kernel=bool(liger),
+                                  liger_kernel_config=None if liger == 'hf' else dict(rope=True, swiglu=True, rms_norm=True,
+                                  cross_entropy=False, fused_linear_cross_entropy=False) if liger else None)
+        trainer = Trainer(model=peft, args=args, train_dataset=data, data_collator=_collator(pack, answer_only),
+                          callbacks=[Clock()], **(dict(compute_loss_func=answer_only_loss) if answer_only else {}))
+        t0 = time.time()
         trainer.train()
+        wall = time.time() - t0
     timed = times[2:] if len(times) > 3 else times[1:] or times     # skip warm-up steps
     step_s = sorted(timed)[len(timed)//2]
-    tokens = batch*grad_accum*seq_len*world
-    tps = tokens/step_s
-    L, d = cfg.num_hidden_layers, cfg.hidden_size
+    tok_step = sum(e['length'] for e in data.select(range(batch*accum*world)))   # real tokens of one optimizer step
+    tps = tok_step/step_s
+    L, d, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     attn = 12*L*seq_len*d
-    lora_flops, full_flops = (4*n_matmul + attn)*tps, (6*n_matmul + attn)*tps
+    head = d*V                                                 # lm_head parameters, part of n_matmul
+    model_flops = (4*n_matmul + attn)*tps/world
+    hw_flops = (4*(n_matmul - head) + 4*head*(ANSWER_SHARE if answer_only else 1.0) + attn)*tps/world
     peak = torch.cuda.max_memory_allocated()/2**30 if cuda else float('nan')
-    lora_flops, full_flops = lora_flops/world, full_flops/world     # per GPU, against one GPU's peak
-    res = dict(mode=mode, device=torch.cuda.get_device_name() if cuda else 'cpu', gpus=world, load_s=round(load_s, 1),
-               tokens_per_s_per_gpu=round(tps/world, 1),
-               steps=len(times), step_s=round(step_s, 3), tokens_per_step=tokens, tokens_per_s=round(tps, 1),
-               peak_gpu_gib=round(peak, 2), trainable_params=trainable, total_params=total,
-               tflops_4N=round(lora_flops/1e12, 4), tflops_6N=round(full_flops/1e12, 4),
-               mfu_4N_pct=round(100*lora_flops/H200_BF16_PEAK, 3), mfu_6N_pct=round(100*full_flops/H200_BF16_PEAK, 3),
-               gradient_checkpointing=gc, seq_len=seq_len, batch=batch, grad_accum=grad_accum)
-    del trainer, model
+    res = dict(setup=name, four_bit=four_bit, batch=batch, grad_accum=accum, checkpointing=bool(ckpt), liger=liger,
+               answer_only=answer_only, pack=pack, gpus=world, tokens_per_step=tok_step, step_s=round(step_s, 3),
+               tokens_per_s=round(tps, 1), tokens_per_s_per_gpu=round(tps/world, 1), mfu_4N_pct=round(100*model_flops/H200_BF16_PEAK, 2),
+               hw_pct=round(100*hw_flops/H200_BF16_PEAK, 2), peak_gpu_gib=round(peak, 2), estimated_gib=round(est, 1),
+               wall_s=round(wall, 1), device=torch.cuda.get_device_name() if cuda else 'cpu')
+    model = peft.unload()                                      # the bare base back, for the next set-up
+    if ckpt: model.gradient_checkpointing_disable()
+    del trainer, peft
+    gc.collect()
     if cuda: torch.cuda.empty_cache()
-    return res
+    return res, model
+
+def run_group(folder:Path, setups:list, steps:int, seq_len:int) -> list:
+    "Load the base once (4-bit or bf16, as the set-ups need) and run `setups` on it in order."
+    from transformers import AutoConfig
+    from stockdistill.generate import load_base
+    from accelerate import PartialState
+    state = PartialState()
+    cfg = AutoConfig.from_pretrained(folder)
+    n, n_matmul = count_params(cfg)
+    t0 = time.time()
+    model = load_base(str(folder), load_in_4bit=SETUPS[setups[0]][0])
+    if torch.cuda.is_available() and not SETUPS[setups[0]][0]: model.to(f'cuda:{state.local_process_index}')
+    print(f"loaded {folder.name} ({'4-bit' if SETUPS[setups[0]][0] else 'bf16'}) in {time.time() - t0:.0f}s", flush=True)
+    out = []
+    for name in setups:
+        r, model = run_setup(name, model, cfg, n_matmul, steps, seq_len, state.num_processes)
+        out.append(r)
+        if state.is_main_process:
+            print(f"[{name}] {r['tokens_per_s']:.0f} tokens/s ({r['step_s']} s/step of {r['tokens_per_step']} tokens), "
+                  f"MFU {r['mfu_4N_pct']}% (4N basis; {r['hw_pct']}% of work done), peak {r['peak_gpu_gib']} GiB "
+                  f"(estimated {r['estimated_gib']}), checkpointing {r['checkpointing']}", flush=True)
+    return out
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--shape', choices=list(SHAPES), default='tiny')
-    p.add_argument('--mode', choices=['qlora', 'lora', 'both'], default='both')
-    p.add_argument('--steps', type=int, default=6, help='optimizer steps per mode (the first 2 are warm-up)')
-    p.add_argument('--seq-len', type=int, default=2048)
-    p.add_argument('--batch', type=int, default=1)
-    p.add_argument('--grad-accum', type=int, default=1)
-    p.add_argument('--no-gc', action='store_true', help='turn gradient checkpointing off')
+    p.add_argument('--setups', default=','.join(SETUPS), help=f"comma-separated, of: {', '.join(SETUPS)}")
+    p.add_argument('--steps', type=int, default=6, help='optimizer steps per set-up (the first 2 are warm-up)')
+    p.add_argument('--seq-len', type=int, default=2048, help='the longest example; examples are 80-100 %% of it')
     p.add_argument('--folder', default=None, help='where to save the random model (default: a temporary folder)')
     p.add_argument('--json', default=None, help='also write the results to this file')
+    p.add_argument('--group', default=None, help=argparse.SUPPRESS)   # internal: run one load group in this process
     a = p.parse_args(argv)
     if not torch.cuda.is_available(): torch.set_num_threads(os.cpu_count() or 1)
-    modes = ['qlora', 'lora'] if a.mode == 'both' else [a.mode]
-    from accelerate import PartialState
-    state = PartialState()                      # one process, or one per GPU under accelerate launch
-    world, main = state.num_processes, state.is_main_process
-    if a.folder is None and world > 1: raise SystemExit("give --folder (a path every process can read) with several processes")
+    setups = [s for s in a.setups.split(',') if s]
+    if bad := [s for s in setups if s not in SETUPS]: p.error(f"unknown set-up(s) {bad}: use {', '.join(SETUPS)}")
+    if a.group:   # a child process: one base, several set-ups
+        res = run_group(Path(a.folder), setups, a.steps, a.seq_len)
+        Path(a.json).write_text(json.dumps(res))
+        return res
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(a.folder or Path(tmp)/a.shape)
-        if main: build_random(a.shape, folder)
-        state.wait_for_everyone()
-        from transformers import AutoConfig
-        cfg = AutoConfig.from_pretrained(folder)
-        n, n_matmul = count_params(cfg)
+        if not (folder/'config.json').exists(): build_random(a.shape, folder)
+        # each base in its own process: Liger patches transformers' classes, and a 4-bit and a bf16 copy need not coexist
+        groups = [[s for s in setups if SETUPS[s][0]], [s for s in setups if not SETUPS[s][0]]]
+        groups = [sorted(g, key=lambda s: SETUPS[s][4] == 'hf') for g in groups if g]   # HF's Liger (class patches) last
         results = []
-        for mode in modes:
-            r = run(folder, cfg, n_matmul, mode, a.steps, a.seq_len, a.batch, a.grad_accum, not a.no_gc, world)
-            results.append(r)
-            if not main: continue
-            print(f"[{a.shape} {mode} x{world} GPU] {r['tokens_per_s']:.1f} tokens/s, {r['tokens_per_s_per_gpu']:.1f} per GPU "
-                  f"({r['step_s']}s/step of {r['tokens_per_step']} tokens), "
-                  f"peak GPU memory {r['peak_gpu_gib']} GiB, {r['tflops_4N']} TFLOP/s (4N+attn) = {r['mfu_4N_pct']}% "
-                  f"of 989 TFLOP/s bf16; 6N figure {r['tflops_6N']} TFLOP/s = {r['mfu_6N_pct']}%; "
-                  f"trainable {r['trainable_params']:,} of {r['total_params']:,}", flush=True)
-    if not main: return results
+        for g in groups:
+            js = Path(tmp)/f"group{len(results)}.json"
+            cmd = [sys.executable, __file__, '--group', '1', '--folder', str(folder), '--setups', ','.join(g),
+                   '--steps', str(a.steps), '--seq-len', str(a.seq_len), '--shape', a.shape, '--json', str(js)]
+            r = subprocess.run(cmd)
+            if r.returncode == 0: results += json.loads(js.read_text())
+            else: print(f"set-ups {g} failed (exit {r.returncode})", flush=True)
+    print(f"\n{'set-up':10s} {'tokens/s':>9s} {'MFU 4N':>7s} {'work':>6s} {'peak GiB':>9s} {'est.':>6s}  ckpt liger answer-only pack")
+    for r in results:
+        print(f"{r['setup']:10s} {r['tokens_per_s']:9.0f} {r['mfu_4N_pct']:6.1f}% {r['hw_pct']:5.1f}% {r['peak_gpu_gib']:9.1f} "
+              f"{r['estimated_gib']:6.1f}  {str(r['checkpointing']):5s} {str(r['liger']):5s} {str(r['answer_only']):11s} {r['pack']}")
     if a.json: Path(a.json).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results))
     return results
 
 if __name__ == '__main__': main()

@@ -89,6 +89,9 @@ class DistillConfig:
     grad_accum:Optional[int]=None   # gradient accumulation steps (None: the student's preset, else 4)
     lr:Optional[float]=None         # learning rate (None: the student's preset, else 1e-4)
     max_len:int=4096                # training sequence length; longer examples are cut on the right
+    gradient_checkpointing:Optional[bool]=None # recompute activations to save memory; None: when the memory estimate needs it (CUDA), for non-tiny students (CPU)
+    pack:Optional[bool]=None        # padding-free batches: examples end to end in one row, positions restarting; None: off (length-grouped padded batches)
+    liger:Optional[bool]=None       # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA; None: when liger-kernel is installed
     out:str='lora_adapter'          # adapter folder, relative to the run folder unless absolute
     # evaluation
     max_new_tokens:int=256          # generation budget per answer

@@ -136,8 +136,8 @@ def label_step(cfg:DistillConfig, ds:dict, teachers:list) -> dict:
 # %% ../nbs/08_distill.ipynb #0e268f3d
 class NoUsableLabelsError(ValueError): "Cleaning left no training example."
 
-def clean_step(cfg:DistillConfig, labelled:dict) -> dict:
-    "Clean each teacher's labels of every split; write `label_summary.json`; `{teacher: {split: {path, counts}}}`."
+def clean_step(cfg:DistillConfig, labelled:dict, require:bool=True) -> dict:
+    "Clean each teacher's labels of every split; write `label_summary.json`; `{teacher: {split: {path, counts}}}`; `require` a usable training label."
     _say("[clean]")
     out = {}
     for k, (name, r) in enumerate(labelled.items()):
@@ -155,8 +155,10 @@ def clean_step(cfg:DistillConfig, labelled:dict) -> dict:
         if k == 0 and not out[name].get('train', {}).get('counts', {}).get('kept'):
             c = out[name].get('train', {}).get('counts', {})
             why = ', '.join(f"{k_} {v}" for k_, v in c.items() if k_ != 'kept' and v) or 'no labels'
-            raise NoUsableLabelsError(f"no usable labels from teacher {name}: {sum(v for k_, v in c.items() if k_ != 'kept')} "
-                                      f"dropped ({why}); see {cfg.label_summary_file(name)}")
+            msg = (f"no usable labels from teacher {name}: {sum(v for k_, v in c.items() if k_ != 'kept')} "
+                   f"dropped ({why}); see {cfg.label_summary_file(name)}")
+            if require: raise NoUsableLabelsError(msg)
+            _say(f"      warning: {msg}")
     return out
 
 # %% ../nbs/08_distill.ipynb #b290e7a0
@@ -268,7 +270,7 @@ def label_command(cfg:DistillConfig, teacher=None) -> dict:
             labels = {s: _select([r for r in read_labels(cfg.labels_file(s, t.name)) if r.get('teacher') == t.name],
                                  [r['id'] for r in ds[s]])[0] for s in ds if ds[s]}
             labelled[t.name] = dict(labels=labels, counts={s: label_counts(v) for s, v in labels.items()}, error=None)
-        clean_step(cfg, labelled)
+        clean_step(cfg, labelled, require=False)   # `train` says it if nothing is usable
     state.wait_for_everyone()
     return out
 

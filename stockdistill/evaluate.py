@@ -313,7 +313,10 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
     before = generate_answers(*base, prompts, desc='base model', **gen)
     if not isinstance(base_model, (tuple, list)): base = base_model   # free the base copy; the adapter loads its own
     tuned = _resolve_model(tuned_model, tokenizer, base=base)
-    after = generate_answers(*tuned, prompts, desc='tuned model', **gen)
+    m = tuned[0]   # on a GPU the adapter is folded into the weights: one matmul per layer instead of two (not for 4-bit bases)
+    merge = (m.device.type == 'cuda' and not getattr(m, 'is_loaded_in_4bit', False) and hasattr(m, 'merge_and_unload')
+             and not isinstance(tuned_model, (tuple, list)))   # never change a model the caller handed in
+    after = generate_answers(*tuned, prompts, desc='tuned model', merge=merge, **gen)
     res = {'n': len(records), 'before': score_answers(before, records, embed_model, outcomes),
            'after': score_answers(after, records, embed_model, outcomes)}
     real = realized_directions(records)

@@ -147,9 +147,9 @@ def encode_prompts(tokenizer, prompts:Sequence[str], prompt_format:str='answer')
     texts = [format_example(p) for p in prompts] if prompt_format == 'answer' else list(prompts)
     return [list(ids) for ids in tokenizer(texts)['input_ids']]
 
-def _pad_left(rows:list, pad_id:int, device=None) -> tuple:
-    "`(input_ids, attention_mask)` of `rows` (lists of token ids), padded on the left to the longest row."
-    width = max(map(len, rows))
+def _pad_left(rows:list, pad_id:int, device=None, multiple:int=1) -> tuple:
+    "`(input_ids, attention_mask)` of `rows` (lists of token ids), padded on the left to the longest row (rounded up to `multiple`)."
+    width = -(-max(map(len, rows))//multiple)*multiple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -219,13 +219,16 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                      merge:bool=False,        # merge a LoRA adapter into the base weights before generating
                      prefill:str='auto',      # 'each' (one prompt at a time into a shared cache), 'padded', or 'auto'
                      prompt_format:str='answer', # 'answer' (training format), 'chat' (chat template) or 'raw'
+                     compile:Optional[bool]=None, # static KV cache in fixed shape buckets + compiled decoding (CUDA); None: on CUDA
+                     bucket:int=128,          # with `compile`: prompt widths are padded to a multiple of this
                      desc:str='generate',     # progress bar label
                      stats:Optional[dict]=None, # if given, filled with new_tokens, seconds, prompts, prefill, usage per prompt
                      **gen_kwargs) -> list[str]:
     "Answers of `model` to `prompts`, generated in length-sorted, left-padded batches and returned in input order."
     from tqdm.auto import tqdm
     if batch_size < 1: raise ValueError(f"batch_size={batch_size} must be at least 1")
-    mode = _prefill_mode(model, prefill, gen_kwargs)
+    compiled = (model.device.type == 'cuda') if compile is None else bool(compile)
+    mode = 'padded' if compiled else _prefill_mode(model, prefill, gen_kwargs)
     if merge and hasattr(model, 'merge_and_unload'): model = model.merge_and_unload()
     model.eval()
     rows = encode_prompts(tokenizer, prompts, prompt_format)
@@ -238,9 +241,11 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
         for b in range(0, len(order), batch_size):
             idx = order[b:b+batch_size]
             batch = [rows[i] for i in idx]
-            ids, mask = _pad_left(batch, pad_id, model.device)
+            if compiled: batch = batch + [batch[0]]*(batch_size - len(batch)) if len(order) > batch_size else batch
+            ids, mask = _pad_left(batch, pad_id, model.device, bucket if compiled else 1)
             cached = mode == 'each' and len(batch) > 1 and ids.shape[1] > 1
             extra = {_cache_arg(): prefilled_cache(model, batch, max_new_tokens)} if cached else {}
+            if compiled: extra['cache_implementation'] = 'static'   # fixed shapes: the decoding step compiles once per bucket
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                  pad_token_id=pad_id, eos_token_id=sorted(stop) or None, **extra, **gen_kwargs)
             for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
@@ -249,5 +254,5 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                 usage[i] = {'prompt_tokens': len(rows[i]), 'completion_tokens': len(new), 'total_tokens': len(rows[i]) + len(new)}
                 answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
             bar.update(len(idx))
-    if stats is not None: stats.update(prompts=len(rows), new_tokens=n_new, seconds=time.perf_counter() - t0, prefill=mode, usage=usage)
+    if stats is not None: stats.update(prompts=len(rows), new_tokens=n_new, seconds=time.perf_counter() - t0, prefill=mode, usage=usage, compiled=compiled)
     return answers

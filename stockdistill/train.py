@@ -20,9 +20,10 @@ from .generate import EMBEDDED_STUDENT, load_base, use_4bit, record_base
 
 # %% auto #0
 __all__ = ['TINY_SPECIALS', 'CHAT_TOKENS', 'CHATML_TEMPLATE', 'TINY_SAVE', 'TINY_PRESET', 'TINY_TOKEN_BUDGET', 'TINY_SIZE',
-           'METHODS', 'train_tiny_tokenizer', 'build_tiny_student', 'LabelCollator', 'load_labeled', 'add_lora',
-           'tiny_epochs', 'resolve_training', 'ProgressCallback', 'training_arguments', 'training_fingerprint',
-           'resume_point', 'train_student']
+           'LIGER_KERNELS', 'METHODS', 'train_tiny_tokenizer', 'build_tiny_student', 'LabelCollator',
+           'answer_positions', 'answer_only_loss', 'load_labeled', 'add_lora', 'tiny_epochs', 'resolve_training',
+           'ProgressCallback', 'liger_available', 'training_arguments', 'train_memory_gib', 'needs_checkpointing',
+           'training_fingerprint', 'resume_point', 'train_student']
 
 # %% ../nbs/05_train.ipynb #c4c8e31a
 TINY_SPECIALS = dict(eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|startoftext|>")
@@ -98,11 +99,12 @@ def build_tiny_student(texts:list[str],          # prompts and answers the token
 
 # %% ../nbs/05_train.ipynb #403fb7df
 class LabelCollator:
-    "Batch `{prompt, label[, id]}` records into input ids and answer-only labels, padded to the longest."
+    "Batch `{prompt, label[, id]}` records into input ids and answer-only labels: padded to the longest, or packed."
     def __init__(self, tokenizer, # the student's tokenizer (needs eos and pad tokens)
-                 max_len:int=4096): # longest training sequence; the right end is cut
+                 max_len:int=4096, # longest training sequence; the right end is cut
+                 pack:bool=False):  # one row per batch, examples end to end, positions restarting (padding-free)
         if tokenizer.eos_token_id is None: raise ValueError("the tokenizer has no eos token: a tuned model would never stop")
-        self.tokenizer, self.max_len = tokenizer, max_len
+        self.tokenizer, self.max_len, self.pack = tokenizer, max_len, pack
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.truncated = set()   # names of examples whose answer was cut partly
 
@@ -129,15 +131,41 @@ def encode(self:LabelCollator, example:dict) -> tuple[list[int], list[int]]:
     return ids, labels
 
 # %% ../nbs/05_train.ipynb #1ebbb5f0
+def answer_positions(labels:torch.Tensor) -> torch.Tensor:
+    "Boolean mask of the positions whose NEXT token is a label: the only positions whose logits the loss needs."
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
 @patch
 def __call__(self:LabelCollator, examples:list[dict]) -> dict:
-    "Right-padded `input_ids`, `attention_mask` and `labels` tensors for a batch."
+    "`input_ids`, `labels` and `logits_to_keep` (+ `attention_mask` padded, or `position_ids` packed) for a batch."
     rows = [self.encode(e) for e in examples]
+    if self.pack:   # padding-free: restarting positions tell attention where each example begins (no cross-attention)
+        ids = torch.tensor([[t for r, _ in rows for t in r]])
+        labels = torch.tensor([[t for _, lab in rows for t in lab]])
+        pos = torch.tensor([[p for r, _ in rows for p in range(len(r))]])
+        # use_cache=False: transformers recognises packed positions only without a KV cache
+        return dict(input_ids=ids, position_ids=pos, labels=labels, logits_to_keep=answer_positions(labels), use_cache=False)
     n = max(len(ids) for ids, _ in rows)
     pad = lambda xs, v: xs + [v]*(n - len(xs))
+    labels = torch.tensor([pad(lab, -100) for _, lab in rows])
     return dict(input_ids=torch.tensor([pad(ids, self.pad_id) for ids, _ in rows]),
                 attention_mask=torch.tensor([pad([1]*len(ids), 0) for ids, _ in rows]),
-                labels=torch.tensor([pad(lab, -100) for _, lab in rows]))
+                labels=labels, logits_to_keep=answer_positions(labels))
+
+# %% ../nbs/05_train.ipynb #e5a1c011
+def answer_only_loss(outputs,                 # model outputs whose `logits` are those of the kept positions only
+                     labels:torch.Tensor,     # the batch's labels (-100 where there is nothing to learn)
+                     num_items_in_batch=None): # labels of the whole accumulated batch (the Trainer's count)
+    "Cross-entropy of the kept positions' logits against the next tokens (`Trainer(compute_loss_func=...)`)."
+    keep = answer_positions(labels)
+    target = labels[:, 1:][keep[:, :-1]]
+    logits = outputs.logits if hasattr(outputs, 'logits') else outputs['logits']
+    if logits.dim() == 3: logits = logits[keep]            # a model that returned every position
+    loss = torch.nn.functional.cross_entropy(logits.float(), target.to(logits.device), reduction='sum')
+    n = num_items_in_batch if num_items_in_batch is not None else target.numel()
+    return loss/(n.to(loss.device) if torch.is_tensor(n) else max(int(n), 1))
 
 # %% ../nbs/05_train.ipynb #7c13d926
 def load_labeled(path, columns:tuple=()):
@@ -230,16 +258,27 @@ def _progress_hooks():
     return _Hooks
 
 # %% ../nbs/05_train.ipynb #30e8a1e8
-def training_arguments(cfg:DistillConfig,  # run settings (lr, batch, epochs/max_steps, seed)
+def liger_available() -> bool:
+    "Whether Liger's Triton kernels can run here: the package is installed and there is a CUDA GPU."
+    import importlib.util
+    return torch.cuda.is_available() and importlib.util.find_spec('liger_kernel') is not None
+
+LIGER_KERNELS = dict(rope=True, swiglu=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=False)
+
+def training_arguments(cfg:DistillConfig,  # run settings (lr, batch, epochs/max_steps, seed, liger)
                        output_dir,         # checkpoints folder
                        has_eval:bool=False, # evaluate each epoch (or a few times with max_steps)
                        logging_steps:int=5, # log the loss every this many optimizer steps
                        save_steps:int=50,   # checkpoint every this many steps (resume point)
+                       group_by_length:bool=False, # batches of similar lengths (a `length` column; less padding)
                        **kw):               # any other `TrainingArguments` field
     "`TrainingArguments` for a run: the same for train_student and the throughput bench."
     from transformers import TrainingArguments
     cuda = torch.cuda.is_available()
     by_steps = cfg.max_steps > 0
+    liger = liger_available() if cfg.liger is None else bool(cfg.liger)
+    if liger and not liger_available():
+        raise ValueError("liger=True needs the liger-kernel package and a CUDA GPU (pip install 'stockdistill[gpu]')")
     args = dict(output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
                 gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
                 max_steps=cfg.max_steps, lr_scheduler_type='cosine', warmup_steps=0.05, weight_decay=0.0,
@@ -247,9 +286,30 @@ def training_arguments(cfg:DistillConfig,  # run settings (lr, batch, epochs/max
                 eval_strategy=('steps' if by_steps else 'epoch') if has_eval else 'no',
                 eval_steps=max(1, cfg.max_steps//3) if by_steps and has_eval else None,
                 bf16=cuda and torch.cuda.is_bf16_supported(), seed=cfg.seed, data_seed=cfg.seed, report_to=[],
-                remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, use_cpu=not cuda)
+                remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, use_cpu=not cuda,
+                use_liger_kernel=liger, liger_kernel_config=LIGER_KERNELS if liger else None,
+                train_sampling_strategy='group_by_length' if group_by_length else 'random', length_column_name='length')
     args.update(kw)
     return TrainingArguments(**args)
+
+# %% ../nbs/05_train.ipynb #e5a1c021
+def train_memory_gib(model,                 # the loaded base model
+                     tokens_per_step:int,   # tokens in one micro-batch (batch x sequence length)
+                     checkpointing:bool,    # whether activations are recomputed
+                     liger:bool=False,      # Liger's fused RMSNorm/SwiGLU/RoPE
+                     answer_share:float=0.2) -> float: # share of positions whose logits are computed
+    "Estimated peak GPU memory (GiB) of one LoRA training step: weights, activations, and the kept logits."
+    c = model.config
+    L, h, V = c.num_hidden_layers, c.hidden_size, c.vocab_size
+    per = (48 if liger else 61)*(0.12 if checkpointing else 1.0)      # bytes per token, layer and hidden unit
+    weights = model.get_memory_footprint()
+    logits = tokens_per_step*answer_share*V*10                        # bf16 logits, fp32 copy and gradient
+    return (weights + tokens_per_step*L*h*per + logits)/2**30
+
+def needs_checkpointing(model, tokens_per_step:int, liger:bool=False, device:int=0) -> bool:
+    "Whether a training step without checkpointing would not fit in 85 % of the GPU's memory."
+    total = torch.cuda.get_device_properties(device).total_memory/2**30
+    return train_memory_gib(model, tokens_per_step, False, liger) > 0.85*total
 
 # %% ../nbs/05_train.ipynb #c767a4f1
 METHODS = Registry('training method')   # --method NAME -> fn(cfg, train_path=None, val_path=None, resume=False) -> summary
@@ -272,7 +332,7 @@ def _last_checkpoint(folder:Path) -> Optional[str]:
 
 _FINGERPRINT_FIELDS = ('student', 'method', 'load_in_4bit', 'lora_r', 'lora_alpha', 'lora_dropout', 'target_modules',
                        'rope_factor', 'rope_type', 'epochs', 'max_steps', 'batch_size', 'grad_accum', 'lr', 'max_len',
-                       'seed', 'options')
+                       'seed', 'pack', 'options')
 
 def training_fingerprint(cfg:DistillConfig, *paths) -> dict:
     "What a checkpoint depends on: the resolved training settings and a hash of the data files."
@@ -315,7 +375,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
                   compute_text_metrics:Optional[Callable]=None, # (model, tokenizer, records) -> dict, at each evaluation
                   metrics_limit:int=8,         # validation records given to `compute_text_metrics`
                   preset:bool=True,            # fill the tiny student's preset into fields left unset
-                  trainer_cls=None,            # a `Trainer` subclass (a method's own loss); None: HF `Trainer`
+                  trainer_cls=None,            # a `Trainer` subclass (a method's own loss, normalised by `num_items_in_batch`); None: HF `Trainer` + `answer_only_loss`
                   trainer_kwargs:Optional[dict]=None, # extra keyword arguments for `trainer_cls`
                   collator=None,               # collator class taking (tokenizer, max_len); None: `LabelCollator`
                   columns:tuple=(),            # extra columns of the labels the collator needs (e.g. 'reasoning')
@@ -338,7 +398,9 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     make = collator or LabelCollator
-    coll, eval_coll = make(tokenizer, cfg.max_len), make(tokenizer, cfg.max_len)
+    pack = bool(cfg.pack)
+    kw = dict(pack=pack) if isinstance(make, type) and issubclass(make, LabelCollator) else {}
+    coll, eval_coll = make(tokenizer, cfg.max_len, **kw), make(tokenizer, cfg.max_len, **kw)
     lengths = [len(coll.encode(r)[0]) for r in train_ds]      # fails early on an all-cut answer
     lengths_val = [len(eval_coll.encode(r)[0]) for r in val_ds] if val_ds is not None else []
     # counted now: the Trainer also runs the collator on validation batches, which would add their cuts
@@ -348,9 +410,14 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
         raise ValueError(f"the longest example has {longest} tokens but the student {base} was built for {ctx} positions; "
                          f"set rope_factor >= {math.ceil(longest/ctx*10)/10} (see 05a_rope), or lower max_len / max_tokens")
     cfg = resolve_training(cfg, preset, train_tokens=sum(lengths))
+    liger = liger_available() if cfg.liger is None else bool(cfg.liger)
+    if cfg.gradient_checkpointing is not None: gc = cfg.gradient_checkpointing
+    elif torch.cuda.is_available(): gc = needs_checkpointing(model, cfg.batch_size*max(lengths), liger)
+    else: gc = cfg.student != 'tiny'
     model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                     modules_to_save=TINY_SAVE if cfg.student == 'tiny' else None,
-                     gradient_checkpointing=cfg.student != 'tiny')
+                     modules_to_save=TINY_SAVE if cfg.student == 'tiny' else None, gradient_checkpointing=gc)
+    train_ds = train_ds.add_column('length', lengths)
+    if val_ds is not None: val_ds = val_ds.add_column('length', lengths_val)
     steps_per_epoch = math.ceil(len(train_ds)/(cfg.batch_size*cfg.grad_accum))
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch*cfg.epochs)
     ckpt_dir = cfg.checkpoints_dir
@@ -361,11 +428,13 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     state.wait_for_everyone()
     if not state.is_main_process: last = _last_checkpoint(ckpt_dir) if resume else None
     args = training_arguments(cfg, ckpt_dir, has_eval=val_ds is not None, logging_steps=max(1, min(10, total//12)),
-                              save_steps=max(10, total//4))
+                              save_steps=max(10, total//4), group_by_length=not pack and cfg.batch_size > 1)
     progress = ProgressCallback(out/'progress.png', compute_text_metrics,
                                 [val_ds[i] for i in range(min(metrics_limit, len(val_ds)))] if val_ds is not None else None)
+    loss_kw = {} if trainer_cls is not None else dict(compute_loss_func=answer_only_loss)   # a method's own Trainer has its loss
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=coll,
-                                       processing_class=tokenizer, callbacks=[_progress_hooks()(progress)], **(trainer_kwargs or {}))
+                                       processing_class=tokenizer, callbacks=[_progress_hooks()(progress)],
+                                       **loss_kw, **(trainer_kwargs or {}))
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     wall = time.time() - t0
@@ -398,6 +467,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
                    grad_accum=trainer.args.gradient_accumulation_steps, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                    epochs_planned=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
                    rope_factor=cfg.rope_factor, rope_type=cfg.rope_type if cfg.rope_factor else None,
+                   gradient_checkpointing=gc, pack=pack, liger=liger,
                    prompt=_prompt_settings(cfg))
     summary['processes'] = trainer.args.world_size
     if extra_summary is not None: summary.update(extra_summary(trainer))

@@ -49,12 +49,14 @@ def test_hf_teacher_labels_are_sharded_and_merged_without_loss_or_duplicates(tmp
     p = run([*launch2(), '-m', 'stockdistill.distill'], tmp_path, 'label', '--run-name', 'hf', *SMALL,
         '--teacher', f'hf:{tiny_teacher}', '--max-new-tokens', '8')
     run_dir = tmp_path/'hf'
+    from stockdistill.config import slug
+    teacher = run_dir/"teachers"/slug(f"hf:{tiny_teacher}")
     for split, name in (('train', 'labeled_data.jsonl'), ('val', 'val_labeled_data.jsonl')):
         prompts = [r['id'] for r in lines(run_dir/f'prompts_{split}.jsonl')]
-        labels = lines(run_dir/name)
+        labels = lines(teacher/name)
         assert sorted(r['id'] for r in labels) == sorted(prompts) and len(prompts) > 1
         assert {r['teacher'] for r in labels} == {f'hf:{tiny_teacher}'}
-    assert not list(run_dir.glob('*.rank*.jsonl'))
+    assert not list(run_dir.rglob('*.rank*.jsonl'))
     assert 'from 2 process(es)' in p.stdout
 
 

@@ -232,3 +232,12 @@ def test_cli_skips_a_teacher_without_key(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert '[teacher skipped: set the environment variable ARK_API_KEY' in r.stdout
     assert '=== teacher ===' not in r.stdout and '=== student ===' in r.stdout
+
+
+def test_bucketed_static_cache_gives_the_same_answers(tiny):
+    "The CUDA path (static cache, widths padded to a bucket, batches filled to full size) answers as the eager one."
+    model, tok, prompts, _ = tiny
+    eager = generate_answers(model, tok, prompts, batch_size=4, max_new_tokens=8, prefill='padded', compile=False)
+    stats = {}
+    bucketed = generate_answers(model, tok, prompts, batch_size=4, max_new_tokens=8, compile=True, bucket=64, stats=stats)
+    assert bucketed == eager and stats['compiled'] and stats['prefill'] == 'padded'

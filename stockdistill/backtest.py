@@ -103,7 +103,9 @@ class Costs:
     commission:float=0.00025   # share of the order value
     min_commission:float=5.0   # CNY per order
 
-    def order(self, value:float, side:str, date) -> float:
+    def order(self, value:float, # CNY value of the order
+              side:str,              # 'buy' or 'sell'
+              date) -> float:        # the day it is filled (the rates in force then)
         "CNY cost of one order of `value` CNY, `side` 'buy' or 'sell', on `date`."
         if side not in ('buy', 'sell'): raise ValueError(f"side={side!r}: 'buy' or 'sell'")
         if value <= 0: return 0.0
@@ -132,7 +134,7 @@ def prepare_bars(bars:pd.DataFrame,   # daily bars of one stock (unadjusted): da
                    price_limit(board, CHINEXT_REFORM, st))   # the one date on which a limit changed in these rules
     prev = b['close'].shift(1).to_numpy()
     dn, up = limit_prices(prev, lim)
-    ex = (b['high'].to_numpy() > up + TICK) | (b['low'].to_numpy() < dn - TICK)
+    ex = (b['open'].to_numpy() > up + TICK) | (b['open'].to_numpy() < dn - TICK)   # known at the open, as the exchange's own reference is
     ex[np.isnan(prev)] = True    # the first bar: no previous close known
     b['ex_day'] = ex
     b['ref'] = np.where(ex, b['open'], prev)
@@ -508,7 +510,7 @@ def significance_lines(bt:dict) -> list:
 
 def format_backtest(bt:dict) -> str:
     "A few lines for the console: the period, each strategy's annual return and Sharpe with their CIs, the tests."
-    head = (f"{bt['decisions']} {bt.get('split', '')} decisions traded {bt['period'][0]}..{bt['period'][1]} "
+    head = (' '.join(x for x in (str(bt['decisions']), bt.get('split'), 'decisions') if x) + f" traded {bt['period'][0]}..{bt['period'][1]} "
             f"(long on 'up', next open, {bt['horizon']} days, A-share rules, {bt['n_boot']} block-bootstrap resamples)")
     lines = [head] + [f"  {STRATEGY_NAMES.get(s, s):17s} annual {_with_ci(v, 'annual_return', True):28s} "
                       f"Sharpe {_with_ci(v, 'sharpe'):24s} {v['n_trades']} trades" for s, v in bt['strategies'].items()]
@@ -578,7 +580,7 @@ def backtest_html(bt:dict,                     # a backtest.json
     "The report's backtest section: what was traded and how, the table with CIs, the paired tests, the equity curves."
     import html
     c = bt.get('costs') or {}
-    how = (f"{bt['decisions']} {bt.get('split', '')} predictions ({bt['period'][0]}..{bt['period'][1]}, {bt['days']} trading days): "
+    how = (' '.join(x for x in (str(bt['decisions']), bt.get('split'), 'predictions') if x) + f" ({bt['period'][0]}..{bt['period'][1]}, {bt['days']} trading days): "
            f"long when a prediction says 'up', else flat; bought at the next day's open, sold at the open {bt['horizon']} trading "
            f"days later, each on {bt['notional']:,.0f} CNY of a {bt['capital']:,.0f} CNY book ({bt['slots']} holding periods overlap at most). "
            "A-share rules on unadjusted bars: T+1, price limits (no buy at limit-up, no sell at limit-down), board lots, "

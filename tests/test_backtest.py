@@ -150,32 +150,46 @@ def random_bars(rng, n, start='2024-01-02'):
     return bars[rng.uniform(size=n) > 0.1].reset_index(drop=True)
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), cut=st.integers(3, 35), horizon=st.integers(1, 6))
-def test_no_position_uses_a_bar_after_its_day(seed, cut, horizon):
+def rewrite(bars, day, rng, from_close=False):
+    "Every price after `day` moved at random by up to ±20 % (limit opens, ex-days too); with `from_close`, `day`'s close too."
+    out = {}
+    for c, b in bars.items():
+        b2 = b.copy()
+        for k in ('open', 'close'):
+            late = (b2['date'] > day) | ((b2['date'] == day) & from_close & (k == 'close'))
+            b2.loc[late, k] = np.round(b2.loc[late, k]*rng.uniform(0.8, 1.2, late.sum()), 2)
+        b2['high'], b2['low'] = b2[['open', 'close']].max(axis=1), b2[['open', 'close']].min(axis=1)
+        out[c] = b2
+    return out
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), horizon=st.integers(1, 6))
+def test_no_position_uses_a_bar_after_its_day(seed, horizon):
     rng = np.random.default_rng(seed)
     codes = ['600000', '300000', '688000']
-    bars = {c: random_bars(rng, 40) for c in codes}
+    bars = {c: random_bars(rng, 30) for c in codes}
     cal = pd.DatetimeIndex(sorted(set().union(*[set(b['date']) for b in bars.values()])))
     decisions = pd.DataFrame([dict(code=c, end=d) for c in codes for d in bars[c]['date'] if d < cal[-2]]).sample(
         frac=0.5, random_state=seed % 1000).sort_values('end')
-    # the future after day `cut` is rewritten at random (prices stay inside their limits)
-    day = cal[min(cut, len(cal) - 1)]
-    future = {}
-    for c, b in bars.items():
-        b2 = b.copy()
-        late = b2['date'] > day
-        for k in ('open', 'close'): b2.loc[late, k] = np.round(b2.loc[late, k]*rng.uniform(0.95, 1.05, late.sum()), 2)
-        b2['high'], b2['low'] = b2[['open', 'close']].max(axis=1), b2[['open', 'close']].min(axis=1)
-        future[c] = b2
-    g1, g2 = (trade_decisions(decisions, Market(b), horizon, buy_and_hold=False) for b in (bars, future))
-    k = cal.searchsorted(day) - g1['start'] + 1        # grid columns up to and including `day`
-    if k > 0:
-        assert np.allclose(g1['pnl'][:, :k], g2['pnl'][:, :k]) and np.allclose(g1['value'][:, :k], g2['value'][:, :k])
-    for t1, t2, e in zip(g1['trades'], g2['trades'], decisions['end']):
-        assert cal[t1['entry']] > e                                   # bought after the day it was decided on
-        if cal[t1['entry']] <= day: assert t1['status'] == t2['status'] and t1['shares'] == t2['shares']
-        if t1['exit'] is not None: assert t1['exit'] > t1['entry']   # T+1 (None: still held when the bars end)
+    g1 = trade_decisions(decisions, Market(bars), horizon, buy_and_hold=False)
+    for t, e in zip(g1['trades'], decisions['end']):
+        assert cal[t['entry']] > e                                    # bought after the day it was decided on
+        if t['exit'] is not None: assert t['exit'] > t['entry']      # T+1 (None: still held when the bars end)
+    for cut in range(len(cal) - 1):
+        # the future after each day rewritten in turn: nothing up to that day may change
+        g2 = trade_decisions(decisions, Market(rewrite(bars, cal[cut], rng)), horizon, buy_and_hold=False)
+        k = cut - g1['start'] + 1     # grid columns up to and including that day
+        if k > 0:
+            assert np.allclose(g1['pnl'][:, :k], g2['pnl'][:, :k]), cut
+            assert np.allclose(g1['value'][:, :k], g2['value'][:, :k]), cut
+        # that day's close rewritten too: what was done at its open (buy, how many shares, sell) may not change
+        g3 = trade_decisions(decisions, Market(rewrite(bars, cal[cut], rng, from_close=True)), horizon, buy_and_hold=False)
+        for t1, t2, t3 in zip(g1['trades'], g2['trades'], g3['trades']):
+            if t1['entry'] <= cut:
+                assert (t1['status'], t1['shares']) == (t2['status'], t2['shares']) == (t3['status'], t3['shares']), cut
+                sold = lambda t: t['exit'] is not None and t['exit'] <= cut
+                assert sold(t1) == sold(t3) and (not sold(t1) or t1['exit'] == t3['exit']), cut
 
 
 # --- the real run: bootstrap, paired test, pipeline step, report, command ----------------------------------------------

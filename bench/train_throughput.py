@@ -109,7 +109,7 @@ def examples(n:int, seq_len:int, vocab:int, seed:int=0) -> list:
         L = int(seq_len*(0.8 + 0.2*torch.rand(1, generator=g).item()))
         ids = torch.randint(3, vocab, (L,), generator=g).tolist()
         p = int(L*(1 - ANSWER_SHARE))
-        out.append(dict(id=str(i), ids=ids, labels=[-100]*p + ids[p:], length=L))
+        out.append(dict(id=str(i), input_ids=ids, labels=[-100]*p + ids[p:], length=L))
     return out
 
 def _collator(pack:bool, answer_only:bool, pad_id:int=0):
@@ -117,7 +117,7 @@ def _collator(pack:bool, answer_only:bool, pad_id:int=0):
     from stockdistill.train import LabelCollator
     class TokenCollator(LabelCollator):
         def __init__(self): self.pack, self.pad_id, self.truncated = pack, pad_id, set()
-        def encode(self, e): return e['ids'], e['labels']
+        def encode(self, e): return e['input_ids'], e['labels']
         def __call__(self, batch):
             out = super().__call__(batch)
             if not answer_only: out.pop('logits_to_keep')
@@ -127,7 +127,6 @@ def _collator(pack:bool, answer_only:bool, pad_id:int=0):
 def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:int=1) -> dict:
     "Train `steps` optimizer steps of set-up `name` on `model` (LoRA added here and removed after); the measured figures."
     from transformers import Trainer, TrainerCallback
-    import datasets
     from stockdistill.config import DistillConfig
     from stockdistill.train import add_lora, answer_only_loss, needs_checkpointing, train_memory_gib, training_arguments
     four_bit, batch, accum, ckpt, liger, answer_only, pack = SETUPS[name]
@@ -138,7 +137,7 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
     dc = DistillConfig(student='bench', batch_size=batch, grad_accum=accum, max_steps=steps, lr=1e-4, lora_r=8,
                        lora_dropout=0.05, epochs=1.0, liger=False)
     peft = add_lora(model, dc.lora_r, dc.lora_alpha, dc.lora_dropout, dc.target_modules, gradient_checkpointing=ckpt)
-    data = datasets.Dataset.from_list(examples(steps*batch*accum*world, seq_len, cfg.vocab_size))
+    data = examples(steps*batch*accum*world, seq_len, cfg.vocab_size)   # a list: the sampler reads len(input_ids)
     times = []
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -160,7 +159,7 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
         wall = time.time() - t0
     timed = times[2:] if len(times) > 3 else times[1:] or times     # skip warm-up steps
     step_s = sorted(timed)[len(timed)//2]
-    tok_step = sum(e['length'] for e in data.select(range(batch*accum*world)))   # real tokens of one optimizer step
+    tok_step = sum(e['length'] for e in data[:batch*accum*world])   # real tokens of one optimizer step
     tps = tok_step/step_s
     L, d, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     attn = 12*L*seq_len*d

@@ -688,7 +688,8 @@ def walk_forward(cfg:DistillConfig,  # settings of every fold (`val_ratio`: the 
         def stage(name, fn, *a):
             t = time.time(); r = fn(*a); times[name] = round(time.time() - t, 2); return r
         cleaned = stage('clean', clean_step, fk, lab)
-        summary = stage('train', train_step, fk, cleaned, not cfg.overwrite)
+        past = {n: {**c, 'val': {}} for n, c in cleaned.items()}   # training never sees the test period, not even as a validation loss
+        summary = stage('train', train_step, fk, past, not cfg.overwrite)
         metrics = stage('evaluate', evaluate_step, fk, cleaned, summary)
         bt = stage('backtest', backtest_step, fk, metrics, market)
         stage('report', write_report, fk.run_dir)

@@ -588,9 +588,10 @@ def backtest_html(bt:dict,                     # a backtest.json
            f"95 % intervals: block bootstrap by date ({bt['n_boot']} resamples of {bt['block']}-day blocks). "
            "p: paired permutation test against the best naive baseline (predictions swapped block by block).")
     tests = ''.join(f"<li>{html.escape(t)}</li>" for t in significance_lines(bt))
+    try: fig = equity_figure(bt).to_html(full_html=False, include_plotlyjs='inline' if plotlyjs else False)
+    except ImportError: fig = '<p><i>plotly is not installed: the equity curves are left out.</i></p>'   # as 09_report does
     return (f"<h2>Backtest under A-share rules</h2><p>{html.escape(how)}</p>"
-            + backtest_table(bt).to_html(classes='num', border=0) + (f"<ul>{tests}</ul>" if tests else '')
-            + equity_figure(bt).to_html(full_html=False, include_plotlyjs='inline' if plotlyjs else False))
+            + backtest_table(bt).to_html(classes='num', border=0) + (f"<ul>{tests}</ul>" if tests else '') + fig)
 
 # %% ../nbs/07a_backtest.ipynb #bt0066
 def fold_periods(n:int,             # trading days in the calendar

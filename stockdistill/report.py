@@ -324,8 +324,13 @@ def write_report(run_dir,           # a run folder with metrics.json (and config
     "Write a self-contained HTML report of one run (plotly.js inlined, so it opens offline) with a written verdict."
     run = read_run(run_dir)
     cfg, metrics, summary = run['config'], run['metrics'], run['summary']
-    figs = [_fig_losses(summary), _fig_before_after(metrics), _fig_per_field(metrics), _fig_confusions(metrics),
-            _fig_direction_scores(metrics, cfg.get('horizon'))]
+    try:
+        import plotly  # noqa: F401
+        figs = [_fig_losses(summary), _fig_before_after(metrics), _fig_per_field(metrics), _fig_confusions(metrics),
+                _fig_direction_scores(metrics, cfg.get('horizon'))]
+        no_figs = ''
+    except ImportError:   # a GPU box may lack plotly: the tables and the verdict are the report
+        figs, no_figs = [], '<p><i>plotly is not installed: figures left out (pip install plotly, then stockdistill report).</i></p>'
     seed = '\n'.join(f"{'Before' if side == 'before' else 'After'} fine-tuning:{' ' * (side == 'after')} " +
                      ', '.join(f"{k}: {_num((metrics.get(side) or {}).get(k), '.4f')}" for k in ('bleu', 'rougeL', 'embed'))
                      for side in ('before', 'after'))
@@ -339,7 +344,7 @@ def write_report(run_dir,           # a run folder with metrics.json (and config
     if run['backtest']:   # backtest.json (07a_backtest): the predictions traded under A-share rules
         from stockdistill.backtest import backtest_html
         backtest = backtest_html(run['backtest'], plotlyjs=all(f is None for f in figs))
-    body = (head + _figs_html(figs) + backtest + _metrics_html(metrics) + _training_html(summary, cfg)
+    body = (head + no_figs + _figs_html(figs) + backtest + _metrics_html(metrics) + _training_html(summary, cfg)
             + _data_html(run['dataset_stats'], run['labels']) + _samples_html(metrics)
             + "<h2>Settings asked (config.json)</h2>" + _table({k: {'value': v} for k, v in cfg.items()}, ['value'], 'config.json'))
     p = Path(out) if out else run['dir']/'report.html'

@@ -3,7 +3,7 @@
 # timed in metrics.json's stage_seconds) and a K-fold walk-forward, both on the shipped pretrained student
 # (stockdistill/assets/tiny_base) with the rule teacher, each timed; then nbs/results/07a_backtest.json.
 # Usage: bash bench/backtest_experiment.sh [folds] [walk-forward windows per stock]   (after `make install`)
-#   into runs/bt-quickstart and runs/bt-wf<K>;  SKIP_QUICKSTART=1 keeps a finished runs/bt-quickstart (and its .time)
+#   (--student tiny on main is the same recipe) into runs/bt-quickstart and runs/bt-wf<K>;  SKIP_QUICKSTART=1 keeps a finished runs/bt-quickstart (and its .time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 folds=${1:-3}

@@ -5,6 +5,7 @@ student's training and evaluation replaced by stand-ins."""
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,14 @@ def test_backtest_step_writes_json_metrics_and_report(run, market, capsys):
     assert json.loads(run.path('backtest.json').read_text())['period'] == bt['period']
     page = write_report(run.run_dir).read_text()
     assert 'Backtest under A-share rules' in page and 'buy and hold' in page
+
+
+def test_report_without_plotly_keeps_the_backtest_table(run, market, monkeypatch):
+    backtest_step(run, json.loads(run.metrics_file.read_text()), market)
+    monkeypatch.setitem(sys.modules, 'plotly', None)                 # a GPU box without plotly
+    monkeypatch.setitem(sys.modules, 'plotly.graph_objects', None)
+    page = write_report(run.run_dir).read_text()
+    assert 'Backtest under A-share rules' in page and 'buy and hold' in page and 'equity curves are left out' in page
 
 
 def test_report_without_backtest_has_no_section(run, tmp_path):

@@ -22,7 +22,7 @@ def _read_json(p:Path) -> dict:
     except json.JSONDecodeError as e: raise ValueError(f"{p}: not valid JSON ({e})") from e
 
 def read_run(run_dir) -> dict: # a run folder (runs/<run-name>/)
-    "What a report needs from a run folder: config, metrics, training summary, dataset and label statistics."
+    "What a report needs from a run folder: config, metrics, training summary, dataset and label statistics, backtest."
     run_dir = Path(run_dir)
     if not (run_dir/'metrics.json').exists():
         raise FileNotFoundError(f"no metrics.json in run folder {run_dir}" + ('' if run_dir.is_dir() else ' (no such folder)')
@@ -31,7 +31,8 @@ def read_run(run_dir) -> dict: # a run folder (runs/<run-name>/)
     return dict(name=run_dir.name, dir=run_dir, config=cfg, metrics=_read_json(run_dir/'metrics.json'),
                 summary=_read_json(run_dir/(cfg.get('out') or 'lora_adapter')/'train_summary.json'),
                 dataset_stats=_read_json(run_dir/'dataset_stats.json'),
-                labels={p.parent.name: _read_json(p) for p in sorted(run_dir.glob('teachers/*/label_summary.json'))})
+                labels={p.parent.name: _read_json(p) for p in sorted(run_dir.glob('teachers/*/label_summary.json'))},
+                backtest=_read_json(run_dir/'backtest.json'))
 
 # %% ../nbs/09_report.ipynb #0ef8ced2
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -339,7 +340,11 @@ def write_report(run_dir,           # a run folder with metrics.json (and config
             f"<p>{metrics.get('n')} {html.escape(str(metrics.get('split', '')))} examples; teacher "
             f"<code>{html.escape(str(cfg.get('teacher')))}</code>, student <code>{html.escape(str(cfg.get('student')))}</code>"
             f"{trained}.</p>")
-    body = (head + no_figs + _figs_html(figs) + _metrics_html(metrics) + _training_html(summary, cfg)
+    backtest = ''
+    if run['backtest']:   # backtest.json (07a_backtest): the predictions traded under A-share rules
+        from stockdistill.backtest import backtest_html
+        backtest = backtest_html(run['backtest'], plotlyjs=all(f is None for f in figs))
+    body = (head + no_figs + _figs_html(figs) + backtest + _metrics_html(metrics) + _training_html(summary, cfg)
             + _data_html(run['dataset_stats'], run['labels']) + _samples_html(metrics)
             + "<h2>Settings asked (config.json)</h2>" + _table({k: {'value': v} for k, v in cfg.items()}, ['value'], 'config.json'))
     p = Path(out) if out else run['dir']/'report.html'

@@ -29,6 +29,11 @@ Providers, as their OpenAI-compatible endpoints answer (shapes from their docs a
 - `dashscope401` HTTP 401 `{"error": {"code": "invalid_api_key", "message": "Incorrect API key provided. "}, "request_id": …}`
 - `dashscope500` HTTP 500 `{"error": {"code": "InternalError", …}}`
 
+A request with `logprobs: true` (and `top_logprobs: k`) gets `choices[0].logprobs.content` as vLLM returns it: one
+entry per token of the answer (`token`, `logprob`, `bytes`, `top_logprobs`). With a `tokenizer` (byte-level BPE) the
+server tokenizes its answer with it and scripts the alternatives and log-probs with `scripted_logprobs`, so a test
+can check every stored number; without one each character is a token.
+
 `default_mode` is the mode of a prompt without a marker (`json` unless given), so a test can make every prompt of a
 real dataset fail one way.
 
@@ -77,9 +82,10 @@ class ChatServer(ThreadingHTTPServer):
     request_queue_size = 256      # socketserver's default of 5 drops bursts of concurrent connects
 
     def __init__(self, port: int = 0, delay: float = 0.0, retry_after: float = 1, hang_s: float = 5.0,
-                 default_mode: str = 'json'):
+                 default_mode: str = 'json', tokenizer=None):
         super().__init__(('127.0.0.1', port), _Handler)
         self.delay, self.retry_after, self.hang_s, self.default_mode = delay, retry_after, hang_s, default_mode
+        self.tokenizer = tokenizer    # tokenizes answers for `logprobs` requests (None: one token per character)
         self.calls: list[dict] = []
         self.lock = threading.Lock()
         self.inflight = self.max_inflight = 0   # requests being answered now / at most at once
@@ -163,7 +169,11 @@ class _Handler(BaseHTTPRequestHandler):
             if srv.delay: time.sleep(srv.delay)
         finally:
             with srv.lock: srv.inflight -= 1
-        self._send(200, _completion(req.get('model', 'test-model'), prompt, mode))
+        body = _completion(req.get('model', 'test-model'), prompt, mode)
+        if req.get('logprobs'):
+            content = body['choices'][0]['message']['content']
+            body['choices'][0]['logprobs'] = {'content': _logprobs(content, int(req.get('top_logprobs') or 0), srv.tokenizer)}
+        self._send(200, body)
 
 
 def _completion(model: str, prompt: str, mode: str) -> dict:
@@ -199,6 +209,40 @@ def _completion(model: str, prompt: str, mode: str) -> dict:
 
 
 THOUGHT_TOKENS = 500   # what a `gemini` answer spent on thinking
+
+
+def _byte_decoder() -> dict:
+    "GPT-2's printable character -> byte table (byte-level BPE vocabularies spell their tokens with it)."
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs: bs.append(b); cs.append(256 + n); n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def scripted_logprobs(ids: list, k: int, vocab_size: int) -> tuple:
+    "The scripted top-k of each answer token: ids (the token, then the next k-1 ids) and log-probs (-0.1.. then falling)."
+    out_ids, out_lp = [], []
+    for t, a in enumerate(ids):
+        alts = [a] + [(a + 1 + j) % vocab_size for j in range(k - 1)]
+        out_ids.append(alts)
+        out_lp.append([-0.1 * (1 + t % 3)] + [-1.0 - j - 0.5 * (t % 2) for j in range(k - 1)])
+    return out_ids, out_lp
+
+
+def _logprobs(content: str, k: int, tokenizer=None) -> list:
+    "vLLM-style `logprobs.content` for `content`: per token its text, bytes, log-prob and `k` alternatives."
+    if tokenizer is None:
+        chars = list(content)
+        return [{'token': c, 'logprob': -0.1, 'bytes': list(c.encode()), 'top_logprobs':
+                 [{'token': c, 'logprob': -0.1, 'bytes': list(c.encode())}][:k]} for c in chars]
+    dec = _byte_decoder()
+    ids = tokenizer(content, add_special_tokens=False)['input_ids']
+    raw = lambda i: [dec[ch] for ch in tokenizer.convert_ids_to_tokens(i)]
+    entry = lambda i, lp: {'token': tokenizer.decode([i]), 'logprob': lp, 'bytes': raw(i)}
+    alt_ids, alt_lp = scripted_logprobs(ids, max(k, 1), len(tokenizer))
+    return [{**entry(i, lps[0]), 'top_logprobs': [entry(j, v) for j, v in zip(alts, lps)][:k]}
+            for i, alts, lps in zip(ids, alt_ids, alt_lp)]
 
 
 if __name__ == '__main__':

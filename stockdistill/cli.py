@@ -113,13 +113,15 @@ def ask_student(cfg:DistillConfig):
 def evaluate_command(cfg:DistillConfig, own:dict) -> dict:
     "`stockdistill evaluate`: the seed's files (`--data`), or the run's adapter on its validation split."
     from stockdistill.evaluate import evaluate_model, print_metrics
+    from stockdistill.generate import answer_fn
     if own.get('data'):
         if not own.get('tuned_model'): raise ValueError("--data needs --tuned-model (and --base-model, unless the adapter records its base)")
         m = evaluate_model(own['data'], own.get('base_model') or _adapter_base(own['tuned_model']), own['tuned_model'],
                            tokenizer=own.get('tokenizer'), limit=cfg.eval_limit, batch_size=cfg.gen_batch_size,
                            max_new_tokens=cfg.max_new_tokens, embed_model=False if own.get('no_embed') else cfg.embed_model,
                            outcomes=not own.get('no_outcomes'), out=own.get('metrics') or 'metrics.json',
-                           train_data=own.get('train_data'), flat_band=cfg.flat_band)
+                           train_data=own.get('train_data'), flat_band=cfg.flat_band,
+                           generate_fn=answer_fn(cfg, own['tuned_model']))
     else:
         from stockdistill.distill import evaluate_step, existing_cleaned
         summ = cfg.adapter_dir/'train_summary.json'

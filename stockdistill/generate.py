@@ -257,7 +257,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
     if stats is not None: stats.update(prompts=len(rows), new_tokens=n_new, seconds=time.perf_counter() - t0, prefill=mode, usage=usage, compiled=compiled)
     return answers
 
-# %% ../nbs/02b_generate.ipynb #dfdb0110
+# %% ../nbs/02b_generate.ipynb #2cdf13e3
 ANSWER_FNS = Registry('answer function')   # name -> hook(cfg, adapter) -> a function like `generate_answers`, or None
 
 def answer_fn(cfg=None,      # the run's settings (plug-in settings live in `cfg.options`)

@@ -16,18 +16,15 @@ import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
-import numpy as np
-import pandas as pd
 from fastcore.basics import patch
 from tqdm import tqdm
 from .config import Registry, api_key
-from .prompt import parse_prompt
 
 # %% auto #0
-__all__ = ['ANSWER_KEYS', 'DIRECTION_WORDS', 'PERSONAS', 'PRESETS', 'TEACHERS', 'PASSTHROUGH', 'split_reasoning', 'extract_json',
-           'teacher_result', 'parse_answer', 'Teacher', 'window_signals', 'RuleTeacher', 'OpenAITeacher', 'retry_after',
-           'reasoning_of', 'usage_dict', 'TeacherUnavailable', 'HFTeacher', 'get_teacher', 'teacher_name', 'prompt_id',
-           'read_labels', 'newest_labels', 'is_unparseable', 'label_samples', 'label_counts']
+__all__ = ['ANSWER_KEYS', 'PRESETS', 'TEACHERS', 'PASSTHROUGH', 'split_reasoning', 'extract_json', 'teacher_result',
+           'parse_answer', 'Teacher', 'RuleTeacher', 'OpenAITeacher', 'retry_after', 'reasoning_of', 'usage_dict',
+           'TeacherUnavailable', 'HFTeacher', 'get_teacher', 'teacher_name', 'prompt_id', 'read_labels',
+           'newest_labels', 'is_unparseable', 'label_samples', 'label_counts']
 
 # %% ../nbs/03_teacher.ipynb #ab3c3dd6
 _THINK_RE = re.compile(r'<think>(.*?)</think>', re.S)
@@ -111,119 +108,28 @@ class Teacher:
     def __repr__(self): return f'{type(self).__name__}(name={self.name!r})'
 
 # %% ../nbs/03_teacher.ipynb #5962e28a
-def _last(s:pd.Series, default:float) -> float:
-    "Last value of `s`, or `default` when the window is too short for the indicator."
-    v = s.iloc[-1] if len(s) else float('nan')
-    return default if pd.isna(v) else float(v)
-
-def window_signals(bars:pd.DataFrame,                  # the window's daily bars (date, open, close, high, low, volume)
-                   change_pct:Optional[float]=None):   # the window's % change as printed; computed if None
-    "Indicators and scored signals of one window, from its bars only."
-    from stockdistill.data import add_indicators
-    if len(bars) < 2: raise ValueError(f"a window needs at least 2 bars to judge a trend, got {len(bars)}")
-    ind = add_indicators(bars.reset_index(drop=True))
-    close = ind['close'].astype(float)
-    c = float(close.iloc[-1])
-    if change_pct is None: change_pct = (c/float(close.iloc[0]) - 1)*100
-    ma = {n: _last(ind[f'ma{n}'], float(close.tail(n).mean())) for n in (5, 10, 20)}
-    dif, dea = ind['dif'].astype(float), ind['dea'].astype(float)
-    above = (dif > dea).tail(4).tolist()
-    cross = 'golden' if above[-1] and not all(above) else 'dead' if not above[-1] and any(above) else None
-    rsi = _last(ind['rsi14'], 50.0)
-    lo, hi = float(ind['low'].min()), float(ind['high'].max())
-    pos = (c - lo)/(hi - lo) if hi > lo else 0.5
-    vol = ind['volume'].astype(float)
-    vol_ratio = float(vol.tail(5).mean()/vol.iloc[-10:-5].mean()) if len(vol) >= 10 and vol.iloc[-10:-5].mean() > 0 else 1.0
-    sig = {'change': float(np.clip(change_pct/4, -2.5, 2.5)),
-           'ma': 0.5 if c > ma[5] > ma[10] > ma[20] else -0.5 if c < ma[5] < ma[10] < ma[20] else 0.0,
-           'macd': (0.5 if above[-1] else -0.5) + {'golden': 0.25, 'dead': -0.25, None: 0.0}[cross],
-           'rsi': -0.75 if rsi > 75 else 0.75 if rsi < 25 else 0.0,
-           'position': 0.25 if pos > 0.85 else -0.25 if pos < 0.15 else 0.0,
-           'volume': 0.25*float(np.sign(change_pct)) if vol_ratio >= 1.3 else 0.0}
-    score = sum(sig.values())
-    direction = 'up' if score >= 1 else 'down' if score <= -1 else 'flat'
-    return dict(n=len(bars), close=c, change_pct=float(change_pct), ma=ma, dif=float(dif.iloc[-1]),
-                dea=float(dea.iloc[-1]), cross=cross, rsi=rsi, low=lo, high=hi, position=pos, vol_ratio=vol_ratio,
-                signals=sig, score=score, direction=direction)
-
-# %% ../nbs/03_teacher.ipynb #625756fd
-DIRECTION_WORDS = {'up': ('上涨', '上行', '看涨', '反弹'), 'down': ('下跌', '下行', '看跌', '回调'),
-                   'flat': ('震荡', '横盘', '盘整')}
-
-_PREDICTIONS = {  # direction -> phrases from weakest to strongest score
-    'up': ['短期有望温和上行', '后市看涨，有望继续上涨', '强势格局，预计延续上涨'],
-    'down': ['短期或将温和下行', '后市看跌，可能继续下跌', '弱势格局，预计延续下跌'],
-    'flat': ['短期以震荡为主', '预计维持横盘整理', '方向未明，区间盘整'],
-}
-_REBOUND, _PULLBACK = '超卖之后有望反弹', '超买之后或将回调'
-_OPENERS = ['近{n}日', '过去{n}个交易日', '这{n}个交易日里']
-_ADVICE = {
-    'up': ['可逢低分批建仓，跌破MA20（{ma20:.2f}元）止损', '持股待涨，收盘跌破MA10（{ma10:.2f}元）减仓',
-           '回踩MA5（{ma5:.2f}元）附近可适量加仓'],
-    'down': ['建议减仓观望，回升至MA10（{ma10:.2f}元）附近减持', '暂不抄底，等待站稳MA5（{ma5:.2f}元）再说',
-             '控制仓位，跌破{low:.2f}元需止损'],
-    'flat': ['区间{low:.2f}-{high:.2f}元内高抛低吸', '轻仓观望，等待放量突破{high:.2f}元', '保持中性仓位，不追涨杀跌'],
-}
-
-def _pick(options:list, key:str, salt:str='') -> str:
-    "Choose one of `options` deterministically from `key`."
-    return options[int(hashlib.sha1((salt + key).encode()).hexdigest(), 16) % len(options)]
-
-def _prediction(s:dict) -> str:
-    d = s['direction']
-    if d == 'up' and s['rsi'] < 30: return _REBOUND
-    if d == 'down' and s['rsi'] > 70: return _PULLBACK
-    strength = min(2, int(abs(s['score']) // 1.5)) if d != 'flat' else min(2, int(abs(s['score'])*3))
-    return _PREDICTIONS[d][strength]
-
-# %% ../nbs/03_teacher.ipynb #c619bc9e
-def _analysis(s:dict, key:str) -> str:
-    ma, chg = s['ma'], s['change_pct']
-    move = f"累计涨幅{chg:.2f}%" if chg >= 0 else f"累计跌幅{-chg:.2f}%"
-    if s['signals']['ma'] > 0: ma_txt = f"均线多头排列（MA5 {ma[5]:.2f}、MA10 {ma[10]:.2f}、MA20 {ma[20]:.2f}）"
-    elif s['signals']['ma'] < 0: ma_txt = f"均线空头排列（MA5 {ma[5]:.2f}低于MA20 {ma[20]:.2f}）"
-    else: ma_txt = f"均线交织，MA5 {ma[5]:.2f}、MA20 {ma[20]:.2f}"
-    macd_txt = {'golden': 'MACD刚刚金叉', 'dead': 'MACD刚刚死叉'}.get(s['cross'],
-                'DIF位于DEA上方' if s['dif'] > s['dea'] else 'DIF位于DEA下方')
-    rsi_txt = f"RSI14为{s['rsi']:.1f}" + ('，进入超买区' if s['rsi'] > 70 else '，进入超卖区' if s['rsi'] < 30 else '')
-    r = s['vol_ratio']
-    vol_txt = f"近5日量能放大至前期的{r:.1f}倍" if r >= 1.3 else f"近5日量能萎缩至前期的{r:.1f}倍" if r <= 0.7 else '量能平稳'
-    opener = _pick(_OPENERS, key, 'open').format(n=s['n'])
-    return f"{opener}{move}，收于{s['close']:.2f}元，{ma_txt}；{macd_txt}，{rsi_txt}，{vol_txt}。"
-
-def _reasoning(s:dict) -> str:
-    names = {'change': '涨跌幅', 'ma': '均线', 'macd': 'MACD', 'rsi': 'RSI', 'position': '区间位置', 'volume': '量能'}
-    parts = [f"{names[k]}{v:+.2f}" for k, v in s['signals'].items()]
-    verdict = {'up': '偏多', 'down': '偏空', 'flat': '中性'}[s['direction']]
-    return f"涨跌幅{s['change_pct']:+.2f}%，区间位置{s['position']:.0%}；打分：" + '，'.join(parts) + f"；合计{s['score']:+.2f}，{verdict}。"
+from .personas import PERSONAS, DIRECTION_WORDS, get_persona, prompt_signals, persona_answer  # noqa: F401 (DIRECTION_WORDS: for users of this module)
 
 # %% ../nbs/03_teacher.ipynb #0a365d46
-PERSONAS = {'balanced': 'the default rule teacher: trend, MACD, RSI, range position and volume, weighed together'}
-
 class RuleTeacher(Teacher):
-    "Embedded deterministic teacher: reads the prompt's window and answers in Chinese from its indicators."
-    def __init__(self, persona:str='balanced'): # how it judges and writes (see `PERSONAS`)
+    "Embedded deterministic teacher: reads the prompt's window and answers in Chinese as one of the `PERSONAS`."
+    def __init__(self, persona:str='balanced'): # how it judges and writes (see `stockdistill.personas.PERSONAS`)
         if persona not in PERSONAS: raise ValueError(f"unknown rule-teacher persona {persona!r}: use one of {', '.join(PERSONAS)}")
         self.persona = persona
         self.name = 'rule' if persona == 'balanced' else f'rule:{persona}'
 
     def signals(self, prompt:str) -> dict:
-        "The scored signals of the window in `prompt`."
-        code, bars, change_pct = parse_prompt(prompt)
-        return window_signals(bars, change_pct)
+        "The indicators of the window in `prompt` (None for those the window is too short for)."
+        return prompt_signals(prompt)
 
     def direction(self, prompt:str) -> str:
         "'up', 'down' or 'flat': the direction this teacher predicts for `prompt`."
-        return self.signals(prompt)['direction']
+        return get_persona(self.persona).direction(self.signals(prompt))
 
     def answer_one(self, prompt:str) -> dict:
         "The result for one prompt."
-        try: s = self.signals(prompt)
-        except Exception as e: return teacher_result(error=f"final: cannot read the window in the prompt ({type(e).__name__}: {e})")
-        label = {'prediction': _prediction(s), 'analysis': _analysis(s, prompt),
-                 'advice': _pick(_ADVICE[s['direction']], prompt, 'advice').format(
-                     ma5=s['ma'][5], ma10=s['ma'][10], ma20=s['ma'][20], low=s['low'], high=s['high'])}
-        return teacher_result(label, _reasoning(s))
+        r = persona_answer(self.persona, prompt)
+        return teacher_result(r['label'], r['reasoning'], error=r['error'])
 
     def stream(self, prompts:list[str]) -> Iterator[tuple[int, dict]]:
         for i, p in enumerate(prompts): yield i, self.answer_one(p)

@@ -196,7 +196,7 @@ def run_distill(cfg:DistillConfig=None, # run settings; None means the defaults
                 teacher=None,           # a ready teacher object, overriding `cfg.teacher`
                 report:bool=True,       # write report.html
                 **kwargs) -> dict:      # DistillConfig fields to change
-    "Run check → build → label → clean → train → evaluate (→ report) into `cfg.run_dir`; return what each step made."
+    "Run check → build → label → clean → train → evaluate → backtest (→ report) into `cfg.run_dir`; return what each step made."
     cfg = (cfg or DistillConfig()).replace(**kwargs)
     t0, stages = time.time(), {}
     def stage(name, fn, *a):
@@ -210,6 +210,8 @@ def run_distill(cfg:DistillConfig=None, # run settings; None means the defaults
     summary = stage('train', train_step, cfg, cleaned)
     metrics = stage('evaluate', evaluate_step, cfg, cleaned, summary)
     res = dict(cfg=cfg, dataset=ds, labels=labelled, cleaned=cleaned, summary=summary, metrics=metrics)
+    from stockdistill.backtest import backtest_step   # the predictions traded under A-share rules (07a_backtest), seconds
+    res['backtest'] = stage('backtest', backtest_step, cfg, metrics)
     if report:
         from stockdistill.report import write_report
         res['report'] = stage('report', write_report, cfg.run_dir)

@@ -115,12 +115,13 @@ from .prompt import label_text   # a label as the string the seed compares (dict
 
 def text_metrics(preds:Sequence[str], # generated answers
                  refs:Sequence,       # teacher labels (JSON strings or dicts), same length
-                 embed_model=None,    # sentence-transformers model/name; False skips the embedding score
+                 embed_model=None,    # sentence-transformers model/name; False or 'off' skips the embedding score
                  per_field:bool=True, # also score prediction / analysis / advice separately
                  ) -> dict:
     "Mean BLEU, ROUGE-L and embedding similarity of `preds` vs `refs`, per field too, plus JSON structure rates."
     if len(preds) != len(refs): raise ValueError(f"text_metrics: {len(preds)} predictions but {len(refs)} references")
     refs = [label_text(r) for r in refs]
+    if embed_model == 'off': embed_model = False
     mean = lambda xs: float(sum(xs) / len(xs)) if len(xs) else float('nan')
     def scores(ps, rs):
         d = {'bleu': mean([bleu(p, r) for p, r in zip(ps, rs)]), 'rougeL': mean([rouge_l(p, r) for p, r in zip(ps, rs)])}

@@ -210,8 +210,8 @@ def add_lora(model,                       # base model from `load_base`
     return get_peft_model(model, lora)
 
 # %% ../nbs/05_train.ipynb #d81201cd
-TINY_PRESET = dict(lr=6e-3, batch_size=4, grad_accum=1, lora_r=16, lora_dropout=0.0)
-TINY_TOKEN_BUDGET = 650_000   # training tokens the tiny student gets when epochs are left to the preset (~1-2 min on 2 cores)
+TINY_PRESET = dict(lr=3e-3, batch_size=8, grad_accum=1, lora_r=32, lora_alpha=64, lora_dropout=0.0, epochs=3.0)
+TINY_TOKEN_BUDGET = 650_000   # training tokens a random tiny student gets when epochs are left to `tiny_epochs`
 
 def tiny_epochs(train_tokens:int) -> float:
     "Epochs that spend `TINY_TOKEN_BUDGET` tokens on a training set of `train_tokens` tokens (between 1 and 8)."
@@ -221,10 +221,11 @@ TINY_SIZE = dict(vocab_size=2048, hidden_size=128, layers=2, heads=4, kv_heads=2
 
 def resolve_training(cfg:DistillConfig,         # run settings; `None` training fields are filled in
                      preset:bool=True,          # use the student's preset (else the seed's values)
-                     train_tokens:Optional[int]=None) -> DistillConfig: # tokens of one epoch (sets the tiny student's epochs)
+                     train_tokens:Optional[int]=None) -> DistillConfig: # tokens of one epoch (sets a random student's epochs)
     "`cfg` with every preset-able training field set: the student's preset where it has one, else the seed's value."
-    fill = {**TRAIN_DEFAULTS, **(TINY_PRESET if preset and cfg.student == 'tiny' else {})}
-    if preset and cfg.student == 'tiny' and cfg.epochs is None:
+    tiny = preset and cfg.student == 'tiny'
+    fill = {**TRAIN_DEFAULTS, **(TINY_PRESET if tiny else {})}
+    if tiny and cfg.epochs is None and not (EMBEDDED_STUDENT/'config.json').exists():   # a random student: token budget
         fill['epochs'] = tiny_epochs(train_tokens) if train_tokens is not None and cfg.max_steps <= 0 else 1.0
     return cfg.replace(**{k: v for k, v in fill.items() if getattr(cfg, k) is None})
 
@@ -332,6 +333,10 @@ def _resolve_student(cfg:DistillConfig, train_ds, overwrite:bool=False) -> str:
     state.wait_for_everyone()                                  # the others load what the main process built
     return str(base)
 
+def _is_random_tiny(cfg:DistillConfig, base:str) -> bool:
+    "Whether `base` is a random tiny student built into the run (it trains its embeddings and norms too)."
+    return cfg.student == 'tiny' and Path(base).resolve() != EMBEDDED_STUDENT.resolve()
+
 def _last_checkpoint(folder:Path) -> Optional[str]:
     from transformers.trainer_utils import get_last_checkpoint
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
@@ -421,7 +426,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     elif torch.cuda.is_available(): gc = needs_checkpointing(model, cfg.batch_size*max(lengths), liger)
     else: gc = cfg.student != 'tiny'
     model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                     modules_to_save=TINY_SAVE if cfg.student == 'tiny' else None, gradient_checkpointing=gc)
+                     modules_to_save=TINY_SAVE if _is_random_tiny(cfg, base) else None, gradient_checkpointing=gc)
     train_ds = train_ds.add_column('length', lengths)
     if val_ds is not None: val_ds = val_ds.add_column('length', lengths_val)
     steps_per_epoch = math.ceil(len(train_ds)/(cfg.batch_size*cfg.grad_accum))

@@ -22,6 +22,20 @@ answers plain JSON. Modes:
 
 A request with `"stream": true` gets its reply as server-sent `chat.completion.chunk` events in any mode.
 
+Providers, as their OpenAI-compatible endpoints answer (shapes from their docs and from users' reports):
+
+- `ark`          Volcengine Ark's DeepSeek-R1: `reasoning_content`; `completion_tokens` includes the reasoning
+                 (`completion_tokens_details.reasoning_tokens`), `prompt_tokens_details.cached_tokens`
+- `gemini`       Gemini's OpenAI endpoint: the JSON in a ```json fence; `total_tokens` counts the thinking tokens that
+                 `completion_tokens` leaves out (they are billed as output)
+- `dashscope`    DashScope compatible mode (Qwen-Max): plain content, `prompt_tokens_details`, `system_fingerprint: null`
+- `ark401`       HTTP 401 `{"error": {"code": "AuthenticationError", "type": "Unauthorized", …}}`
+- `gemini400`    HTTP 400 whose body is a JSON *list* `[{"error": {"status": "INVALID_ARGUMENT", … "API key not valid"}}]`
+- `gemini429`    HTTP 429, list body `RESOURCE_EXHAUSTED` with the retry delay in the body, no Retry-After header
+- `gemini503`    HTTP 503, list body `UNAVAILABLE` ("The model is overloaded")
+- `dashscope401` HTTP 401 `{"error": {"code": "invalid_api_key", "message": "Incorrect API key provided. "}, "request_id": …}`
+- `dashscope500` HTTP 500 `{"error": {"code": "InternalError", …}}`
+
 `default_mode` is the mode of a prompt without a marker (`json` unless given), so a test can make every prompt of a
 real dataset fail one way.
 
@@ -35,6 +49,27 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODE_RE = re.compile(r'\[mode:([a-z0-9]+)\]')
+
+PROVIDER_ERRORS = {   # mode: (HTTP status, body)
+    'ark401': (401, {'error': {'code': 'AuthenticationError', 'message': 'The API key format is incorrect. Request id: '
+                               '0217000000000000000000000000000000000000000000000', 'param': '', 'type': 'Unauthorized'}}),
+    'gemini400': (400, [{'error': {'code': 400, 'message': 'API key not valid. Please pass a valid API key.',
+                                   'status': 'INVALID_ARGUMENT',
+                                   'details': [{'@type': 'type.googleapis.com/google.rpc.ErrorInfo', 'reason': 'API_KEY_INVALID',
+                                                'domain': 'googleapis.com',
+                                                'metadata': {'service': 'generativelanguage.googleapis.com'}}]}}]),
+    'gemini429': (429, [{'error': {'code': 429, 'message': 'You exceeded your current quota, please check your plan and '
+                                   'billing details.', 'status': 'RESOURCE_EXHAUSTED',
+                                   'details': [{'@type': 'type.googleapis.com/google.rpc.RetryInfo', 'retryDelay': '1s'}]}}]),
+    'gemini503': (503, [{'error': {'code': 503, 'message': 'The model is overloaded. Please try again later.',
+                                   'status': 'UNAVAILABLE'}}]),
+    'dashscope401': (401, {'error': {'message': 'Incorrect API key provided. ', 'type': 'invalid_request_error',
+                                     'param': None, 'code': 'invalid_api_key'},
+                           'request_id': '5d8b7c3e-0000-0000-0000-000000000000'}),
+    'dashscope500': (500, {'error': {'message': 'An internal error has occured, please try again later.',
+                                     'type': 'internal_error', 'param': None, 'code': 'InternalError'},
+                           'request_id': '5d8b7c3e-0000-0000-0000-000000000001'}),
+}
 
 
 def label_for(prompt: str) -> dict:
@@ -83,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args): pass
 
-    def _send(self, status: int, body: dict, headers: dict | None = None):
+    def _send(self, status: int, body: dict | list, headers: dict | None = None):
         data = json.dumps(body, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header('Content-Type', 'application/json')
@@ -115,6 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif mode == '500': status = 500
         elif mode == '400': status = 400
         elif mode == 'qwenthink' and req.get('enable_thinking') and not req.get('stream'): status = 400
+        elif mode in PROVIDER_ERRORS: status = PROVIDER_ERRORS[mode][0]
         with srv.lock:
             srv.calls.append({'prompt': prompt, 'mode': mode, 'status': status, 't': time.time(),
                               'auth': self.headers.get('Authorization'), 'model': req.get('model')})
@@ -123,6 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200); self.send_header('Content-Type', 'application/json')
             self.send_header('Content-Length', str(len(data))); self.end_headers(); self.wfile.write(data)
             return
+        if mode in PROVIDER_ERRORS: return self._send(*PROVIDER_ERRORS[mode])
         if status == 429:
             return self._send(429, {'error': {'message': 'rate limited', 'type': 'rate_limit'}},
                               {'Retry-After': f'{srv.retry_after:g}'})
@@ -175,15 +212,28 @@ def _completion(model: str, prompt: str, mode: str, thinking: bool = False) -> d
         'garbage': '抱歉，我无法给出结构化的回答。',
         'lonethink': f'先看趋势，再看量能，判断震荡上行。\n</think>\n\n{label}',
     }.get(mode, label)
-    if mode == 'reasoning' or (mode == 'qwenthink' and thinking):
+    if mode in ('reasoning', 'ark') or (mode == 'qwenthink' and thinking):
         reasoning, field = '近30日先跌后涨，MACD金叉，判断震荡上行。', 'reasoning_content'
     if mode == 'reasoningfield': reasoning, field = '均线多头排列，量能温和放大，判断震荡上行。', 'reasoning'
+    if mode == 'gemini': content = f'```json\n{label}\n```'
     message = {'role': 'assistant', 'content': content}
     if reasoning: message[field] = reasoning
     n_in, n_out = len(prompt), len(content) + len(reasoning or '')
-    return {'id': f'chatcmpl-{abs(hash(prompt)) % 10**9}', 'object': 'chat.completion', 'created': int(time.time()),
-            'model': model, 'choices': [{'index': 0, 'message': message, 'finish_reason': 'stop'}],
-            'usage': {'prompt_tokens': n_in, 'completion_tokens': n_out, 'total_tokens': n_in + n_out}}
+    usage = {'prompt_tokens': n_in, 'completion_tokens': n_out, 'total_tokens': n_in + n_out}
+    out = {'id': f'chatcmpl-{abs(hash(prompt)) % 10**9}', 'object': 'chat.completion', 'created': int(time.time()),
+           'model': model, 'choices': [{'index': 0, 'message': message, 'finish_reason': 'stop'}], 'usage': usage}
+    if mode == 'ark':
+        usage.update(prompt_tokens_details={'cached_tokens': 0}, completion_tokens_details={'reasoning_tokens': len(reasoning)})
+        out.update(service_tier='default')
+    elif mode == 'gemini':   # thinking: in total_tokens (and billed), not in completion_tokens
+        usage['total_tokens'] += THOUGHT_TOKENS
+    elif mode == 'dashscope':
+        usage['prompt_tokens_details'] = {'cached_tokens': 0}
+        out.update(system_fingerprint=None, choices=[{**out['choices'][0], 'logprobs': None}])
+    return out
+
+
+THOUGHT_TOKENS = 500   # what a `gemini` answer spent on thinking
 
 
 if __name__ == '__main__':

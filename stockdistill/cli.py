@@ -125,6 +125,7 @@ def ask_student(cfg:DistillConfig):
 def evaluate_command(cfg:DistillConfig, own:dict) -> dict:
     "`stockdistill evaluate`: the seed's files (`--data`), every student of `--models-dir` on `--questions`, or the run's adapter on its validation split."
     from stockdistill.evaluate import evaluate_model, print_metrics
+    from stockdistill.generate import answer_fn
     if own.get('questions') or own.get('models_dir'):
         if not (own.get('questions') and own.get('models_dir')):
             raise ValueError("--questions and --models-dir go together: every student under --models-dir answers the questions")
@@ -138,7 +139,8 @@ def evaluate_command(cfg:DistillConfig, own:dict) -> dict:
                            tokenizer=own.get('tokenizer'), limit=cfg.eval_limit, batch_size=cfg.gen_batch_size,
                            max_new_tokens=cfg.max_new_tokens, embed_model=False if own.get('no_embed') else cfg.embed_model,
                            outcomes=not own.get('no_outcomes'), out=own.get('metrics') or 'metrics.json',
-                           train_data=own.get('train_data'), flat_band=cfg.flat_band)
+                           train_data=own.get('train_data'), flat_band=cfg.flat_band,
+                           generate_fn=answer_fn(cfg, own['tuned_model']))
     else:
         from stockdistill.distill import evaluate_step, existing_cleaned
         summ = cfg.adapter_dir/'train_summary.json'

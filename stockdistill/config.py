@@ -141,6 +141,7 @@ def validate(self:DistillConfig):
               ('skip_teacher', not (self.skip_teacher and self.overwrite), 'cannot be combined with overwrite')]
     for name, ok, why in checks:
         if not ok: raise ValueError(f"{name}={getattr(self, name)!r} {why}")
+    for cls in SETTINGS.values(): self.settings(cls)   # plug-in settings check their own values (`__post_init__`)
 
 @patch(as_prop=True)
 def teachers(self:DistillConfig) -> list[str]:

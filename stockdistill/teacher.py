@@ -22,8 +22,8 @@ from .config import Registry, api_key
 
 # %% auto #0
 __all__ = ['ANSWER_KEYS', 'PRESETS', 'TEACHERS', 'PASSTHROUGH', 'split_reasoning', 'extract_json', 'teacher_result',
-           'parse_answer', 'Teacher', 'RuleTeacher', 'OpenAITeacher', 'retry_after', 'error_message',
-           'TeacherUnavailable', 'HFTeacher', 'get_teacher', 'teacher_name', 'prompt_id', 'read_labels',
+           'parse_answer', 'Teacher', 'RuleTeacher', 'OpenAITeacher', 'retry_after', 'error_message', 'reasoning_of',
+           'usage_dict', 'TeacherUnavailable', 'HFTeacher', 'get_teacher', 'teacher_name', 'prompt_id', 'read_labels',
            'newest_labels', 'is_unparseable', 'label_samples', 'label_counts']
 
 # %% ../nbs/03_teacher.ipynb #ab3c3dd6
@@ -215,6 +215,23 @@ def error_message(e) -> str: # an `openai.APIStatusError`
     return f"{e.message} ({extra})" if extra else e.message
 
 # %% ../nbs/03_teacher.ipynb #d75d323f
+def reasoning_of(message) -> Optional[str]:
+    "The reasoning a reply's message (or a streamed delta) carries beside its content: `reasoning_content` or `reasoning`."
+    r = getattr(message, 'reasoning_content', None) or getattr(message, 'reasoning', None)
+    return r if isinstance(r, str) and r else None
+
+def usage_dict(usage) -> Optional[dict]:
+    "A reply's token usage as `{prompt_tokens, completion_tokens, total_tokens}`, or None when it has none."
+    return None if usage is None else {k: int(getattr(usage, k, 0) or 0) for k in ('prompt_tokens', 'completion_tokens', 'total_tokens')}
+
+@patch
+async def _complete(self:OpenAITeacher, client, messages:list) -> tuple:
+    "One request: `((content, reasoning), usage)`, or `(None, usage)` when the reply has no choices."
+    resp = await client.chat.completions.create(model=self.model, messages=messages, timeout=self.timeout, **self.create_kw)
+    if not resp.choices: return None, usage_dict(resp.usage)
+    msg = resp.choices[0].message
+    return (msg.content, reasoning_of(msg)), usage_dict(resp.usage)
+
 @patch
 async def _ask(self:OpenAITeacher, client, prompt:str) -> dict:
     "One prompt → one result, retrying timeouts, 429, 5xx and malformed replies."
@@ -224,8 +241,7 @@ async def _ask(self:OpenAITeacher, client, prompt:str) -> dict:
         server_wait = None
         try:
             self.requests += 1
-            resp = await client.chat.completions.create(model=self.model, messages=messages, timeout=self.timeout,
-                                                        **self.create_kw)
+            reply, usage = await self._complete(client, messages)
         except openai.APITimeoutError: why = f'timeout after {self.timeout:g}s'
         except openai.APIConnectionError as e: why = f'connection error ({e.__cause__ or e})'
         except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
@@ -235,13 +251,9 @@ async def _ask(self:OpenAITeacher, client, prompt:str) -> dict:
             if e.status_code != 429 and e.status_code < 500: return teacher_result(error=f'final: {why}')
             server_wait = retry_after(e.response)
         else:
-            usage = None
-            if resp.usage is not None:
-                usage = {k: int(getattr(resp.usage, k) or 0) for k in ('prompt_tokens', 'completion_tokens', 'total_tokens')}
-                for k, v in usage.items(): self.usage_total[k] += v
-            if not resp.choices: return teacher_result(error='final: the reply has no choices')
-            msg = resp.choices[0].message
-            return parse_answer(msg.content, getattr(msg, 'reasoning_content', None), usage)
+            for k, v in (usage or {}).items(): self.usage_total[k] += v
+            if reply is None: return teacher_result(error='final: the reply has no choices')
+            return parse_answer(*reply, usage)
         if attempt < self.max_retries: await asyncio.sleep(self._wait(attempt, server_wait))
     return teacher_result(error=f'transient: {why} (gave up after {self.max_retries + 1} attempts)')
 

@@ -115,11 +115,17 @@ class LabelCollator:
 def _name(example:dict) -> str: return str(example.get('id') or repr(example['prompt'][:40] + '...'))
 
 @patch
+def texts(self:LabelCollator, example:dict) -> tuple[str, str]:
+    "The text the model reads (no loss) and the text it learns to write (the loss) of one example; a method may override it."
+    return format_example(example['prompt']), label_text(example['label'])
+
+@patch
 def encode(self:LabelCollator, example:dict) -> tuple[list[int], list[int]]:
     "Input ids and labels of one example, cut at `max_len`."
     tok = self.tokenizer
-    prompt = tok(format_example(example['prompt']), add_special_tokens=False)['input_ids']
-    answer = tok(label_text(example['label']), add_special_tokens=False)['input_ids'] + [tok.eos_token_id]
+    read, write = self.texts(example)
+    prompt = tok(read, add_special_tokens=False)['input_ids']
+    answer = tok(write, add_special_tokens=False)['input_ids'] + [tok.eos_token_id]
     ids, labels = prompt + answer, [-100]*len(prompt) + answer
     if len(ids) > self.max_len:
         if len(prompt) >= self.max_len:

@@ -14,6 +14,13 @@ answers plain JSON. Modes:
 - `400`        always HTTP 400 (a client error, never worth retrying)
 - `hang`       sleeps `hang_s` seconds before answering (to trip the client's timeout)
 - `badjson`    HTTP 200 whose body is cut off mid-JSON (a proxy hiccup): the client cannot parse it
+- `reasoningfield` JSON content plus `reasoning` (OpenRouter, Ollama and newer vLLM name the field so)
+- `lonethink`  reasoning, a lone `</think>`, then the JSON (a chat template that opened `<think>` itself: QwQ, Qwen3)
+- `qwenthink`  DashScope's compatible mode for Qwen3: with `enable_thinking` in the body it thinks only when the
+               call streams (`reasoning_content` deltas, then content deltas, usage in the last chunk) and refuses a
+               plain call with HTTP 400; without it, plain JSON and no reasoning
+
+A request with `"stream": true` gets its reply as server-sent `chat.completion.chunk` events in any mode.
 
 Providers, as their OpenAI-compatible endpoints answer (shapes from their docs and from users' reports):
 
@@ -148,6 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
             if first: status = 429
         elif mode == '500': status = 500
         elif mode == '400': status = 400
+        elif mode == 'qwenthink' and req.get('enable_thinking') and not req.get('stream'): status = 400
         elif mode in PROVIDER_ERRORS: status = PROVIDER_ERRORS[mode][0]
         with srv.lock:
             srv.calls.append({'prompt': prompt, 'mode': mode, 'status': status, 't': time.time(),
@@ -161,6 +169,9 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 429:
             return self._send(429, {'error': {'message': 'rate limited', 'type': 'rate_limit'}},
                               {'Retry-After': f'{srv.retry_after:g}'})
+        if status == 400 and mode == 'qwenthink':   # DashScope's words
+            return self._send(400, {'error': {'code': 'InvalidParameter', 'type': 'invalid_request_error',
+                                              'message': 'parameter.enable_thinking must be set to false for non-streaming calls'}})
         if status >= 400:
             return self._send(status, {'error': {'message': f'scripted {status}', 'type': 'server_error'}})
         with srv.lock: srv.inflight += 1; srv.max_inflight = max(srv.max_inflight, srv.inflight)
@@ -169,16 +180,36 @@ class _Handler(BaseHTTPRequestHandler):
             if srv.delay: time.sleep(srv.delay)
         finally:
             with srv.lock: srv.inflight -= 1
-        body = _completion(req.get('model', 'test-model'), prompt, mode)
+        reply = _completion(req.get('model', 'test-model'), prompt, mode, thinking=bool(req.get('enable_thinking')))
         if req.get('logprobs'):
-            content = body['choices'][0]['message']['content']
-            body['choices'][0]['logprobs'] = {'content': _logprobs(content, int(req.get('top_logprobs') or 0), srv.tokenizer)}
-        self._send(200, body)
+            content = reply['choices'][0]['message']['content']
+            reply['choices'][0]['logprobs'] = {'content': _logprobs(content, int(req.get('top_logprobs') or 0), srv.tokenizer)}
+        if req.get('stream'): return self._stream(reply, bool((req.get('stream_options') or {}).get('include_usage')))
+        self._send(200, reply)
+
+    def _stream(self, reply: dict, include_usage: bool):
+        "Send `reply` as server-sent events: a role chunk, reasoning and content in pieces, finish, usage, [DONE]."
+        msg = reply['choices'][0]['message']
+        base = {k: reply[k] for k in ('id', 'created', 'model')} | {'object': 'chat.completion.chunk'}
+        chunk = lambda delta, finish=None: {**base, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]}
+        events = [chunk({'role': 'assistant', 'content': ''})]
+        for key in ('reasoning_content', 'reasoning', 'content'):
+            text = msg.get(key) or ''
+            events += [chunk({key: text[i:i + 7]}) for i in range(0, len(text), 7)]
+        events.append(chunk({}, 'stop'))
+        if include_usage: events.append({**base, 'choices': [], 'usage': reply['usage']})
+        data = ''.join(f'data: {json.dumps(e, ensure_ascii=False)}\n\n' for e in events).encode() + b'data: [DONE]\n\n'
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/event-stream')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        try: self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError): pass
 
 
-def _completion(model: str, prompt: str, mode: str) -> dict:
+def _completion(model: str, prompt: str, mode: str, thinking: bool = False) -> dict:
     label = json.dumps(label_for(prompt), ensure_ascii=False)
-    reasoning = None
+    reasoning = field = None
     content = {
         'json': label,
         'reasoning': label,
@@ -188,11 +219,14 @@ def _completion(model: str, prompt: str, mode: str) -> dict:
         'fenced': f'好的，以下是分析：\n```json\n{label}\n```\n仅供参考。',
         'prose': f'根据K线数据，我的回答是 {label} ，请注意风险。',
         'garbage': '抱歉，我无法给出结构化的回答。',
+        'lonethink': f'先看趋势，再看量能，判断震荡上行。\n</think>\n\n{label}',
     }.get(mode, label)
-    if mode in ('reasoning', 'ark'): reasoning = '近30日先跌后涨，MACD金叉，判断震荡上行。'
+    if mode in ('reasoning', 'ark') or (mode == 'qwenthink' and thinking):
+        reasoning, field = '近30日先跌后涨，MACD金叉，判断震荡上行。', 'reasoning_content'
+    if mode == 'reasoningfield': reasoning, field = '均线多头排列，量能温和放大，判断震荡上行。', 'reasoning'
     if mode == 'gemini': content = f'```json\n{label}\n```'
     message = {'role': 'assistant', 'content': content}
-    if reasoning: message['reasoning_content'] = reasoning
+    if reasoning: message[field] = reasoning
     n_in, n_out = len(prompt), len(content) + len(reasoning or '')
     usage = {'prompt_tokens': n_in, 'completion_tokens': n_out, 'total_tokens': n_in + n_out}
     out = {'id': f'chatcmpl-{abs(hash(prompt)) % 10**9}', 'object': 'chat.completion', 'created': int(time.time()),

@@ -64,7 +64,10 @@ SETUPS = {  # name: (4-bit, batch, grad accum, checkpointing ('auto' | bool), li
     'new': (False, 4, 1, 'auto', 'ours', True, False),
     'new-pack': (False, 4, 1, 'auto', 'ours', True, True),
     'qlora-new': (True, 4, 1, 'auto', 'ours', True, False),
+    'new-compile': (False, 4, 1, 'auto', False, True, False),     # the new default with torch.compile instead of Liger
+    'new-b8': (False, 8, 1, 'auto', 'ours', True, False),         # twice the micro-batch (checkpointing if it would not fit)
 }
+EXTRA_ARGS = {'new-compile': dict(torch_compile=True)}   # TrainingArguments beyond the tuple's
 
 def random_model(shape:str, device=None, dtype=None):
     "A randomly initialised Qwen2 model of `shape` (bf16 on GPU, float32 on CPU), built on its device directly."
@@ -134,7 +137,7 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
     if not cuda: liger = False                                 # Liger's kernels are Triton: GPU only
     if ckpt == 'auto': ckpt = needs_checkpointing(model, batch*seq_len, liger=bool(liger)) if cuda else False
     est = train_memory_gib(model, batch*seq_len, ckpt, bool(liger), ANSWER_SHARE if answer_only else 1.0)
-    dc = DistillConfig(student='bench', batch_size=batch, grad_accum=accum, max_steps=steps, lr=1e-4, lora_r=8,
+    dc = DistillConfig(student='bench', batch_size=batch, grad_accum=accum, max_steps=steps, lr=1e-4, lora_r=8, lora_alpha=32,
                        lora_dropout=0.05, epochs=1.0, liger=False)
     peft = add_lora(model, dc.lora_r, dc.lora_alpha, dc.lora_dropout, dc.target_modules, gradient_checkpointing=ckpt)
     data = examples(steps*batch*accum*world, seq_len, cfg.vocab_size)   # a list: the sampler reads len(input_ids)
@@ -151,7 +154,8 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
         args = training_arguments(dc, out, save_strategy='no', logging_steps=max(1, steps//2), ddp_find_unused_parameters=False,
                                   group_by_length=not pack and batch > 1, use_liger_kernel=bool(liger),
                                   liger_kernel_config=None if liger == 'hf' else dict(rope=True, swiglu=True, rms_norm=True,
-                                  cross_entropy=False, fused_linear_cross_entropy=False) if liger else None)
+                                  cross_entropy=False, fused_linear_cross_entropy=False) if liger else None,
+                                  **EXTRA_ARGS.get(name, {}))
         trainer = Trainer(model=peft, args=args, train_dataset=data, data_collator=_collator(pack, answer_only),
                           callbacks=[Clock()], **(dict(compute_loss_func=answer_only_loss) if answer_only else {}))
         t0 = time.time()

@@ -36,7 +36,7 @@ def folder_codes(folder) -> list[str]:
 
 # %% ../nbs/00_config.ipynb #b991fc75
 LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
-TRAIN_DEFAULTS = dict(lr=1e-4, batch_size=1, grad_accum=4, lora_r=8, lora_dropout=0.05, epochs=1.0)  # the seed's values
+TRAIN_DEFAULTS = dict(lr=1e-4, batch_size=1, grad_accum=4, lora_r=8, lora_alpha=32, lora_dropout=0.05, epochs=1.0)  # the seed's values
 
 @dataclass
 class DistillConfig:
@@ -77,7 +77,7 @@ class DistillConfig:
     method:str='sft'                # training method (registered plug-in): 'sft' and those variants add
     load_in_4bit:Optional[bool]=None # QLoRA; None means 'on when CUDA is available'
     lora_r:Optional[int]=None       # LoRA rank (None: the student's preset, else 8)
-    lora_alpha:int=32               # LoRA scaling
+    lora_alpha:Optional[int]=None   # LoRA scaling (None: the student's preset, else 32)
     lora_dropout:Optional[float]=None # LoRA dropout (None: the student's preset, else 0.05)
     target_modules:tuple=LORA_TARGETS # comma-separated modules that get LoRA adapters
     rope_factor:Optional[float]=None # >1 scales RoPE for long windows
@@ -97,7 +97,7 @@ class DistillConfig:
     max_new_tokens:int=256          # generation budget per answer
     gen_batch_size:int=8            # prompts per generate call (CPU: larger is faster)
     eval_limit:Optional[int]=None   # evaluate at most this many validation examples
-    embed_model:Optional[str]=None  # sentence-transformers model; None means the bundled all-MiniLM-L6-v2
+    embed_model:Optional[str]=None  # sentence-transformers model; None: the bundled all-MiniLM-L6-v2, 'off': no embedding score
     # settings of plug-ins (training methods, context providers …), by field name; see `register_settings`
     options:dict=field(default_factory=dict) # settings of registered plug-ins (flags of their own)
 
@@ -141,6 +141,7 @@ def validate(self:DistillConfig):
               ('skip_teacher', not (self.skip_teacher and self.overwrite), 'cannot be combined with overwrite')]
     for name, ok, why in checks:
         if not ok: raise ValueError(f"{name}={getattr(self, name)!r} {why}")
+    for cls in SETTINGS.values(): self.settings(cls)   # plug-in settings check their own values (`__post_init__`)
 
 @patch(as_prop=True)
 def teachers(self:DistillConfig) -> list[str]:

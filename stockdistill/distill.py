@@ -178,12 +178,14 @@ def train_step(cfg:DistillConfig, cleaned:dict, resume:bool=True) -> dict:
 def evaluate_step(cfg:DistillConfig, cleaned:dict, summary:dict) -> dict:
     "Evaluate base vs tuned student on validation (else train) and write `metrics.json`."
     from stockdistill.evaluate import evaluate_model, format_seed_lines, save_metrics
+    from stockdistill.generate import answer_fn
     first = cleaned[next(iter(cleaned))]
     split = 'val' if first.get('val', {}).get('counts', {}).get('kept') else 'train'
     _say(f"[evaluate] on {split}")
     metrics = evaluate_model(first[split]['path'], base_model=summary['base'], tuned_model=str(cfg.adapter_dir),
                              limit=cfg.eval_limit, batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
-                             embed_model=cfg.embed_model, train_data=first['train']['path'], flat_band=cfg.flat_band)
+                             embed_model=cfg.embed_model, train_data=first['train']['path'], flat_band=cfg.flat_band,
+                             generate_fn=answer_fn(cfg, cfg.adapter_dir))   # a variant's way of answering, if it has one
     metrics['split'] = split
     metrics['path'] = str(save_metrics(metrics, cfg.metrics_file))
     _say(format_seed_lines(metrics))
@@ -194,7 +196,7 @@ def run_distill(cfg:DistillConfig=None, # run settings; None means the defaults
                 teacher=None,           # a ready teacher object, overriding `cfg.teacher`
                 report:bool=True,       # write report.html
                 **kwargs) -> dict:      # DistillConfig fields to change
-    "Run check → build → label → clean → train → evaluate (→ report) into `cfg.run_dir`; return what each step made."
+    "Run check → build → label → clean → train → evaluate → backtest (→ report) into `cfg.run_dir`; return what each step made."
     cfg = (cfg or DistillConfig()).replace(**kwargs)
     t0, stages = time.time(), {}
     def stage(name, fn, *a):
@@ -208,6 +210,8 @@ def run_distill(cfg:DistillConfig=None, # run settings; None means the defaults
     summary = stage('train', train_step, cfg, cleaned)
     metrics = stage('evaluate', evaluate_step, cfg, cleaned, summary)
     res = dict(cfg=cfg, dataset=ds, labels=labelled, cleaned=cleaned, summary=summary, metrics=metrics)
+    from stockdistill.backtest import backtest_step   # the predictions traded under A-share rules (07a_backtest), seconds
+    res['backtest'] = stage('backtest', backtest_step, cfg, metrics)
     if report:
         from stockdistill.report import write_report
         res['report'] = stage('report', write_report, cfg.run_dir)

@@ -16,9 +16,9 @@ from typing import Optional, Sequence
 __all__ = ['DEFAULT_EMBED', 'DIRECTION_KEYWORDS', 'PRED_LABELS', 'cjk_tokenize', 'CJKTokenizer', 'bleu', 'rouge_l',
            'embed_model_path', 'load_embedder', 'embed_similarity', 'unk_fraction', 'answer_fields', 'text_metrics',
            'direction_of', 'confusion', 'mcc_from_confusion', 'direction_scores', 'stated_change', 'momentum_direction',
-           'baseline_predictions', 'answer_direction', 'realized_directions', 'score_answers', 'read_records',
-           'save_metrics', 'evaluate_model', 'format_seed_lines', 'metrics_table', 'plot_confusions', 'print_metrics',
-           'main']
+           'baseline_predictions', 'answer_direction', 'realized_directions', 'answer_part', 'score_answers',
+           'generation_cost', 'read_records', 'save_metrics', 'evaluate_model', 'format_seed_lines', 'metrics_table',
+           'plot_confusions', 'print_metrics', 'main']
 
 # %% ../nbs/07_evaluate.ipynb #7f8b05b6
 _CJK = r'\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff'
@@ -115,12 +115,13 @@ from .prompt import label_text   # a label as the string the seed compares (dict
 
 def text_metrics(preds:Sequence[str], # generated answers
                  refs:Sequence,       # teacher labels (JSON strings or dicts), same length
-                 embed_model=None,    # sentence-transformers model/name; False skips the embedding score
+                 embed_model=None,    # sentence-transformers model/name; False or 'off' skips the embedding score
                  per_field:bool=True, # also score prediction / analysis / advice separately
                  ) -> dict:
     "Mean BLEU, ROUGE-L and embedding similarity of `preds` vs `refs`, per field too, plus JSON structure rates."
     if len(preds) != len(refs): raise ValueError(f"text_metrics: {len(preds)} predictions but {len(refs)} references")
     refs = [label_text(r) for r in refs]
+    if embed_model == 'off': embed_model = False
     mean = lambda xs: float(sum(xs) / len(xs)) if len(xs) else float('nan')
     def scores(ps, rs):
         d = {'bleu': mean([bleu(p, r) for p, r in zip(ps, rs)]), 'rougeL': mean([rouge_l(p, r) for p, r in zip(ps, rs)])}
@@ -229,12 +230,19 @@ def realized_directions(records:Sequence[dict]) -> list:
     "Each record's realized direction (`outcome.direction`), None where a record has no outcome."
     return [((r.get('outcome') or {}).get('direction')) for r in records]
 
+from .teacher import split_reasoning   # (reasoning or None, answer) of a text with a thinking block
+
+def answer_part(text):
+    "An answer without its thinking block (`<think>…</think>`, or the text before a lone `</think>`): what is scored."
+    return split_reasoning(text)[1] if isinstance(text, str) and '</think>' in text else text
+
 def score_answers(answers:Sequence[str],   # generated answers, one per record
                   records:Sequence[dict],  # records with `prompt`, `label` and optionally `outcome`
                   embed_model=None,        # sentence-transformers model/name; False skips the embedding score
                   outcomes:bool=True,      # score directions against realized outcomes where records have them
                   ) -> dict:
-    "Text, structure and direction metrics of `answers` against the records' teacher labels and outcomes."
+    "Text, structure and direction metrics of `answers` (thinking blocks cut off) against the records' teacher labels and outcomes."
+    answers = [answer_part(a) for a in answers]
     m = text_metrics(answers, [r['label'] for r in records], embed_model=embed_model)
     dirs, teacher_dirs = [answer_direction(a) for a in answers], [answer_direction(r['label']) for r in records]
     m['direction_agreement'] = sum(d == t for d, t in zip(dirs, teacher_dirs)) / len(dirs) if dirs else float('nan')
@@ -245,6 +253,15 @@ def score_answers(answers:Sequence[str],   # generated answers, one per record
     return m
 
 # %% ../nbs/07_evaluate.ipynb #d91e06e8
+def generation_cost(stats:dict) -> dict: # the `stats` a generation filled (usage per prompt, seconds)
+    "Tokens and seconds per answer of one generation, and thinking tokens per answer where the answer function counts them."
+    usage = [u for u in stats.get('usage') or [] if u]
+    if not usage: return {}
+    mean = lambda k: sum(u.get(k) or 0 for u in usage)/len(usage)
+    out = dict(tokens_per_answer=mean('completion_tokens'), seconds_per_answer=stats.get('seconds', float('nan'))/len(usage))
+    if any('reasoning_tokens' in u for u in usage): out['reasoning_tokens'] = mean('reasoning_tokens')
+    return out
+
 def read_records(data) -> list[dict]:
     "Records from a JSONL path (blank lines skipped, a bad line is an error naming it) or a list of dicts."
     if not isinstance(data, (str, Path)): return [dict(r) for r in data]
@@ -301,6 +318,7 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
                    train_data=None,           # training records/JSONL: its realized directions set the majority class
                    flat_band:float=1.0,       # percent band of the momentum baseline's 'flat'
                    n_samples:int=3,           # how many example answers to keep in the result
+                   generate_fn=None,          # the tuned model's answer function (default `generate_answers`; see `generate.answer_fn`)
                    ) -> dict:
     "Generate with the base and the tuned model on `data`, and score both against the teacher and the market."
     from stockdistill.generate import generate_answers
@@ -310,15 +328,16 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
     prompts = [r['prompt'] for r in records]
     gen = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     base = _resolve_model(base_model, tokenizer)
-    before = generate_answers(*base, prompts, desc='base model', **gen)
+    cost_before, cost_after = {}, {}
+    before = generate_answers(*base, prompts, desc='base model', stats=cost_before, **gen)
     if not isinstance(base_model, (tuple, list)): base = base_model   # free the base copy; the adapter loads its own
     tuned = _resolve_model(tuned_model, tokenizer, base=base)
     m = tuned[0]   # on a GPU the adapter is folded into the weights: one matmul per layer instead of two (not for 4-bit bases)
     merge = (m.device.type == 'cuda' and not getattr(m, 'is_loaded_in_4bit', False) and hasattr(m, 'merge_and_unload')
              and not isinstance(tuned_model, (tuple, list)))   # never change a model the caller handed in
-    after = generate_answers(*tuned, prompts, desc='tuned model', merge=merge, **gen)
-    res = {'n': len(records), 'before': score_answers(before, records, embed_model, outcomes),
-           'after': score_answers(after, records, embed_model, outcomes)}
+    after = (generate_fn or generate_answers)(*tuned, prompts, desc='tuned model', merge=merge, stats=cost_after, **gen)
+    res = {'n': len(records), 'before': {**score_answers(before, records, embed_model, outcomes), **generation_cost(cost_before)},
+           'after': {**score_answers(after, records, embed_model, outcomes), **generation_cost(cost_after)}}
     real = realized_directions(records)
     keep = [i for i, d in enumerate(real) if d is not None]
     if outcomes and keep:
@@ -334,8 +353,8 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
     res['samples'] = [dict(prompt=r['prompt'], teacher=label_text(r['label']), before=b, after=a)
                       for r, b, a in list(zip(records, before, after))[:n_samples]]
     # every record's directions, so a report can cross them (student vs teacher, vs reality) any way it likes
-    res['records'] = [dict(id=r.get('id'), realized=d, teacher=answer_direction(r['label']), before=answer_direction(b),
-                           after=answer_direction(a)) for r, d, b, a in zip(records, real, before, after)]
+    res['records'] = [dict(id=r.get('id'), realized=d, teacher=answer_direction(r['label']), before=answer_direction(answer_part(b)),
+                           after=answer_direction(answer_part(a))) for r, d, b, a in zip(records, real, before, after)]
     if out is not None: res['path'] = str(save_metrics(res, out))
     return res
 
@@ -349,6 +368,7 @@ def metrics_table(metrics:dict):
     "Two DataFrames: text/structure metrics (before, after) and direction metrics (models, teacher, baselines)."
     import pandas as pd
     rows = ['bleu', 'rougeL', 'embed', 'json_valid', 'fields_complete', 'direction_agreement']
+    rows += [k for k in ('tokens_per_answer', 'reasoning_tokens', 'seconds_per_answer') if k in metrics['after'] or k in metrics['before']]
     text = {side: {k: metrics[side].get(k) for k in rows} for side in ('before', 'after')}
     for side in ('before', 'after'):
         for f, d in metrics[side].get('per_field', {}).items():

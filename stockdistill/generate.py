@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 import torch
-from .config import ASSETS
+from .config import ASSETS, Registry
 from .prompt import ANSWER_MARK, format_example
 from .rope import scale_rope
 
 # %% auto #0
-__all__ = ['EMBEDDED_STUDENT', 'PROMPT_FORMATS', 'strip_echo', 'use_4bit', 'fsdp_launch', 'load_base', 'resolve_base',
-           'record_base', 'load_student', 'load_model', 'eos_ids', 'cut_at_eos', 'encode_prompts', 'prefilled_cache',
-           'generate_answers']
+__all__ = ['EMBEDDED_STUDENT', 'PROMPT_FORMATS', 'ANSWER_FNS', 'strip_echo', 'use_4bit', 'fsdp_launch', 'load_base',
+           'resolve_base', 'record_base', 'load_student', 'load_model', 'eos_ids', 'cut_at_eos', 'encode_prompts',
+           'prefilled_cache', 'generate_answers', 'answer_fn']
 
 # %% ../nbs/02b_generate.ipynb #46dcfca6
 def strip_echo(text:str) -> str:
@@ -249,10 +249,21 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                  pad_token_id=pad_id, eos_token_id=sorted(stop) or None, **extra, **gen_kwargs)
             for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
-                new = cut_at_eos(row, stop)
+                new = cut_at_eos(row, stop | {pad_id})   # generate pads a row that a stopping criterion ended
                 n_new += min(len(new) + 1, len(row))
                 usage[i] = {'prompt_tokens': len(rows[i]), 'completion_tokens': len(new), 'total_tokens': len(rows[i]) + len(new)}
                 answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
             bar.update(len(idx))
     if stats is not None: stats.update(prompts=len(rows), new_tokens=n_new, seconds=time.perf_counter() - t0, prefill=mode, usage=usage, compiled=compiled)
     return answers
+
+# %% ../nbs/02b_generate.ipynb #2cdf13e3
+ANSWER_FNS = Registry('answer function')   # name -> hook(cfg, adapter) -> a function like `generate_answers`, or None
+
+def answer_fn(cfg=None,      # the run's settings (plug-in settings live in `cfg.options`)
+              adapter=None): # the student: an adapter folder, a model folder, or None
+    "The function that writes a student's answers: the first registered hook's for `cfg` and `adapter`, else `generate_answers`."
+    if cfg is not None:
+        for name in ANSWER_FNS.names():
+            if (fn := ANSWER_FNS.get(name)(cfg, adapter)) is not None: return fn
+    return generate_answers

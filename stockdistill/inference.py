@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 from .config import DistillConfig, MissingKeyError, bundled_codes, load_config
 from .prompt import label_text, window_prompt, context_blocks
-from .generate import generate_answers, load_model
+from .generate import answer_fn, load_model
 
 # %% auto #0
 __all__ = ['extract_codes', 'stock_bars', 'latest_prompt', 'trained_settings', 'ask', 'teacher_text', 'main']
@@ -72,7 +72,7 @@ def ask(question:str,                 # e.g. '请问股票600031未来走势如�
         ) -> list[dict]:
     "Answer a question about one or more stocks: the prompt, the teacher's answer (if reachable) and the student's."
     codes = extract_codes(question)
-    adapter = None
+    adapter, given = None, cfg
     if student is None and cfg is not None and (cfg.adapter_dir/'adapter_config.json').exists(): student = cfg.adapter_dir
     if isinstance(student, (str, Path)) and (Path(student)/'adapter_config.json').exists():
         adapter = Path(student)
@@ -81,6 +81,7 @@ def ask(question:str,                 # e.g. '请问股票600031未来走势如�
             keep = {k: getattr(cfg, k) for k in ('data_source', 'teacher', 'teacher_model', 'max_new_tokens')} if cfg else {}
             cfg = trained.replace(**keep)
     cfg = cfg or DistillConfig()
+    write = answer_fn(given or cfg, adapter if adapter is not None else student)   # e.g. thinking within a budget
     bars = {c: stock_bars(c, cfg.data_source) for c in codes}   # a code the source lacks fails before any model loads
     model = tok = None
     if student is not None: model, tok = load_model(student, base)
@@ -97,7 +98,7 @@ def ask(question:str,                 # e.g. '请问股票600031未来走势如�
         except MissingKeyError as e: say(f"[teacher skipped: {e}]")
     if model is not None:
         budget = max_new_tokens or cfg.max_new_tokens
-        for r, a in zip(results, generate_answers(model, tok, prompts, max_new_tokens=budget, desc='student')):
+        for r, a in zip(results, write(model, tok, prompts, max_new_tokens=budget, desc='student')):
             r['student'] = a
     say(f"question: {question}")
     for r in results:

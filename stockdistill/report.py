@@ -22,7 +22,7 @@ def _read_json(p:Path) -> dict:
     except json.JSONDecodeError as e: raise ValueError(f"{p}: not valid JSON ({e})") from e
 
 def read_run(run_dir) -> dict: # a run folder (runs/<run-name>/)
-    "What a report needs from a run folder: config, metrics, training summary, dataset and label statistics."
+    "What a report needs from a run folder: config, metrics, training summary, dataset and label statistics, backtest."
     run_dir = Path(run_dir)
     if not (run_dir/'metrics.json').exists():
         raise FileNotFoundError(f"no metrics.json in run folder {run_dir}" + ('' if run_dir.is_dir() else ' (no such folder)')
@@ -31,7 +31,8 @@ def read_run(run_dir) -> dict: # a run folder (runs/<run-name>/)
     return dict(name=run_dir.name, dir=run_dir, config=cfg, metrics=_read_json(run_dir/'metrics.json'),
                 summary=_read_json(run_dir/(cfg.get('out') or 'lora_adapter')/'train_summary.json'),
                 dataset_stats=_read_json(run_dir/'dataset_stats.json'),
-                labels={p.parent.name: _read_json(p) for p in sorted(run_dir.glob('teachers/*/label_summary.json'))})
+                labels={p.parent.name: _read_json(p) for p in sorted(run_dir.glob('teachers/*/label_summary.json'))},
+                backtest=_read_json(run_dir/'backtest.json'))
 
 # %% ../nbs/09_report.ipynb #0ef8ced2
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -323,8 +324,13 @@ def write_report(run_dir,           # a run folder with metrics.json (and config
     "Write a self-contained HTML report of one run (plotly.js inlined, so it opens offline) with a written verdict."
     run = read_run(run_dir)
     cfg, metrics, summary = run['config'], run['metrics'], run['summary']
-    figs = [_fig_losses(summary), _fig_before_after(metrics), _fig_per_field(metrics), _fig_confusions(metrics),
-            _fig_direction_scores(metrics, cfg.get('horizon'))]
+    try:
+        import plotly  # noqa: F401
+        figs = [_fig_losses(summary), _fig_before_after(metrics), _fig_per_field(metrics), _fig_confusions(metrics),
+                _fig_direction_scores(metrics, cfg.get('horizon'))]
+        no_figs = ''
+    except ImportError:   # a GPU box may lack plotly: the tables and the verdict are the report
+        figs, no_figs = [], '<p><i>plotly is not installed: figures left out (pip install plotly, then stockdistill report).</i></p>'
     seed = '\n'.join(f"{'Before' if side == 'before' else 'After'} fine-tuning:{' ' * (side == 'after')} " +
                      ', '.join(f"{k}: {_num((metrics.get(side) or {}).get(k), '.4f')}" for k in ('bleu', 'rougeL', 'embed'))
                      for side in ('before', 'after'))
@@ -334,7 +340,11 @@ def write_report(run_dir,           # a run folder with metrics.json (and config
             f"<p>{metrics.get('n')} {html.escape(str(metrics.get('split', '')))} examples; teacher "
             f"<code>{html.escape(str(cfg.get('teacher')))}</code>, student <code>{html.escape(str(cfg.get('student')))}</code>"
             f"{trained}.</p>")
-    body = (head + _figs_html(figs) + _metrics_html(metrics) + _training_html(summary, cfg)
+    backtest = ''
+    if run['backtest']:   # backtest.json (07a_backtest): the predictions traded under A-share rules
+        from stockdistill.backtest import backtest_html
+        backtest = backtest_html(run['backtest'], plotlyjs=all(f is None for f in figs))
+    body = (head + no_figs + _figs_html(figs) + backtest + _metrics_html(metrics) + _training_html(summary, cfg)
             + _data_html(run['dataset_stats'], run['labels']) + _samples_html(metrics)
             + "<h2>Settings asked (config.json)</h2>" + _table({k: {'value': v} for k, v in cfg.items()}, ['value'], 'config.json'))
     p = Path(out) if out else run['dir']/'report.html'

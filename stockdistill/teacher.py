@@ -22,9 +22,9 @@ from .config import Registry, api_key
 
 # %% auto #0
 __all__ = ['ANSWER_KEYS', 'PRESETS', 'TEACHERS', 'PASSTHROUGH', 'split_reasoning', 'extract_json', 'teacher_result',
-           'parse_answer', 'Teacher', 'RuleTeacher', 'OpenAITeacher', 'retry_after', 'TeacherUnavailable', 'HFTeacher',
-           'get_teacher', 'teacher_name', 'prompt_id', 'read_labels', 'newest_labels', 'is_unparseable',
-           'label_samples', 'label_counts']
+           'parse_answer', 'Teacher', 'RuleTeacher', 'OpenAITeacher', 'retry_after', 'error_message', 'reasoning_of',
+           'usage_dict', 'TeacherUnavailable', 'HFTeacher', 'get_teacher', 'teacher_name', 'prompt_id', 'read_labels',
+           'newest_labels', 'is_unparseable', 'label_samples', 'label_counts']
 
 # %% ../nbs/03_teacher.ipynb #ab3c3dd6
 _THINK_RE = re.compile(r'<think>(.*?)</think>', re.S)
@@ -135,14 +135,22 @@ class RuleTeacher(Teacher):
         for i, p in enumerate(prompts): yield i, self.answer_one(p)
 
 # %% ../nbs/03_teacher.ipynb #d025883d
-PRESETS = {
+PRESETS = {   # prices: yuan or dollars per million tokens (input = cache miss; output includes reasoning), as read on `read`
     'deepseek-r1': dict(base_url='https://ark.cn-beijing.volces.com/api/v3', key_env=('ARK_API_KEY',),
-                        model='deepseek-r1-250528'),                      # the seed's teacher, on Volcengine Ark
-    'deepseek': dict(base_url='https://api.deepseek.com', key_env=('DEEPSEEK_API_KEY',), model='deepseek-reasoner'),
+                        model='deepseek-r1-250528',                       # the seed's teacher, on Volcengine Ark
+                        price=dict(input=4.0, output=16.0, currency='CNY', read='2026-12-02',
+                                   source='Volcengine Ark, DeepSeek-R1: 0.004 / 0.016 yuan per 1k tokens (quoted by a reseller page)')),
+    'deepseek': dict(base_url='https://api.deepseek.com', key_env=('DEEPSEEK_API_KEY',), model='deepseek-reasoner',
+                     price=dict(input=0.28, output=0.42, currency='USD', read='2026-12-02',
+                                source='api-docs.deepseek.com/quick_start/pricing: deepseek-reasoner (V3.2), as of 2025-12-09')),
     'qwen-max': dict(base_url='https://dashscope.aliyuncs.com/compatible-mode/v1', key_env=('DASHSCOPE_API_KEY',),
-                     model='qwen-max'),
+                     model='qwen-max',
+                     price=dict(input=2.4, output=9.6, currency='CNY', read='2026-12-02',
+                                source='Alibaba Model Studio model list, qwen-max, mainland China (not re-checked on the live page)')),
     'gemini': dict(base_url='https://generativelanguage.googleapis.com/v1beta/openai/',
-                   key_env=('GEMINI_API_KEY', 'GOOGLE_API_KEY'), model='gemini-2.5-flash'),
+                   key_env=('GEMINI_API_KEY', 'GOOGLE_API_KEY'), model='gemini-2.5-flash',
+                   price=dict(input=0.30, output=2.50, currency='USD', read='2026-12-02',
+                              source='ai.google.dev/gemini-api/docs/pricing, gemini-2.5-flash paid tier (thinking billed as output)')),
 }
 
 # %% ../nbs/03_teacher.ipynb #57124046
@@ -198,7 +206,32 @@ def _wait(self:OpenAITeacher, attempt:int, server_wait:Optional[float]=None) -> 
     if server_wait is not None: return min(server_wait, self.max_backoff)
     return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
 
+def error_message(e) -> str: # an `openai.APIStatusError`
+    "What went wrong, from the SDK's message and the provider's own body (Gemini sends a JSON *list* the SDK does not read)."
+    body = e.body[0] if isinstance(e.body, list) and e.body else e.body
+    err = body.get('error', body) if isinstance(body, dict) else None
+    msg, status = (err.get('message'), err.get('status')) if isinstance(err, dict) else (None, None)
+    extra = ': '.join(str(x) for x in (status, msg) if isinstance(x, str) and x and x not in e.message)
+    return f"{e.message} ({extra})" if extra else e.message
+
 # %% ../nbs/03_teacher.ipynb #d75d323f
+def reasoning_of(message) -> Optional[str]:
+    "The reasoning a reply's message (or a streamed delta) carries beside its content: `reasoning_content` or `reasoning`."
+    r = getattr(message, 'reasoning_content', None) or getattr(message, 'reasoning', None)
+    return r if isinstance(r, str) and r else None
+
+def usage_dict(usage) -> Optional[dict]:
+    "A reply's token usage as `{prompt_tokens, completion_tokens, total_tokens}`, or None when it has none."
+    return None if usage is None else {k: int(getattr(usage, k, 0) or 0) for k in ('prompt_tokens', 'completion_tokens', 'total_tokens')}
+
+@patch
+async def _complete(self:OpenAITeacher, client, messages:list) -> tuple:
+    "One request: `((content, reasoning), usage)`, or `(None, usage)` when the reply has no choices."
+    resp = await client.chat.completions.create(model=self.model, messages=messages, timeout=self.timeout, **self.create_kw)
+    if not resp.choices: return None, usage_dict(resp.usage)
+    msg = resp.choices[0].message
+    return (msg.content, reasoning_of(msg)), usage_dict(resp.usage)
+
 @patch
 async def _ask(self:OpenAITeacher, client, prompt:str) -> dict:
     "One prompt → one result, retrying timeouts, 429, 5xx and malformed replies."
@@ -208,24 +241,19 @@ async def _ask(self:OpenAITeacher, client, prompt:str) -> dict:
         server_wait = None
         try:
             self.requests += 1
-            resp = await client.chat.completions.create(model=self.model, messages=messages, timeout=self.timeout,
-                                                        **self.create_kw)
+            reply, usage = await self._complete(client, messages)
         except openai.APITimeoutError: why = f'timeout after {self.timeout:g}s'
         except openai.APIConnectionError as e: why = f'connection error ({e.__cause__ or e})'
         except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
             why = f'malformed reply ({type(e).__name__}: {str(e)[:120]})'
         except openai.APIStatusError as e:
-            why = f'HTTP {e.status_code}: {e.message}'
+            why = f'HTTP {e.status_code}: {error_message(e)}'
             if e.status_code != 429 and e.status_code < 500: return teacher_result(error=f'final: {why}')
             server_wait = retry_after(e.response)
         else:
-            usage = None
-            if resp.usage is not None:
-                usage = {k: int(getattr(resp.usage, k) or 0) for k in ('prompt_tokens', 'completion_tokens', 'total_tokens')}
-                for k, v in usage.items(): self.usage_total[k] += v
-            if not resp.choices: return teacher_result(error='final: the reply has no choices')
-            msg = resp.choices[0].message
-            return parse_answer(msg.content, getattr(msg, 'reasoning_content', None), usage)
+            for k, v in (usage or {}).items(): self.usage_total[k] += v
+            if reply is None: return teacher_result(error='final: the reply has no choices')
+            return parse_answer(*reply, usage)
         if attempt < self.max_retries: await asyncio.sleep(self._wait(attempt, server_wait))
     return teacher_result(error=f'transient: {why} (gave up after {self.max_retries + 1} attempts)')
 

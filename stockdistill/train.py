@@ -115,11 +115,17 @@ class LabelCollator:
 def _name(example:dict) -> str: return str(example.get('id') or repr(example['prompt'][:40] + '...'))
 
 @patch
+def texts(self:LabelCollator, example:dict) -> tuple[str, str]:
+    "The text the model reads (no loss) and the text it learns to write (the loss) of one example; a method may override it."
+    return format_example(example['prompt']), label_text(example['label'])
+
+@patch
 def encode(self:LabelCollator, example:dict) -> tuple[list[int], list[int]]:
     "Input ids and labels of one example, cut at `max_len`."
     tok = self.tokenizer
-    prompt = tok(format_example(example['prompt']), add_special_tokens=False)['input_ids']
-    answer = tok(label_text(example['label']), add_special_tokens=False)['input_ids'] + [tok.eos_token_id]
+    read, write = self.texts(example)
+    prompt = tok(read, add_special_tokens=False)['input_ids']
+    answer = tok(write, add_special_tokens=False)['input_ids'] + [tok.eos_token_id]
     ids, labels = prompt + answer, [-100]*len(prompt) + answer
     if len(ids) > self.max_len:
         if len(prompt) >= self.max_len:
@@ -204,8 +210,8 @@ def add_lora(model,                       # base model from `load_base`
     return get_peft_model(model, lora)
 
 # %% ../nbs/05_train.ipynb #d81201cd
-TINY_PRESET = dict(lr=6e-3, batch_size=4, grad_accum=1, lora_r=16, lora_dropout=0.0)
-TINY_TOKEN_BUDGET = 650_000   # training tokens the tiny student gets when epochs are left to the preset (~1-2 min on 2 cores)
+TINY_PRESET = dict(lr=3e-3, batch_size=8, grad_accum=1, lora_r=32, lora_alpha=64, lora_dropout=0.0, epochs=3.0)
+TINY_TOKEN_BUDGET = 650_000   # training tokens a random tiny student gets when epochs are left to `tiny_epochs`
 
 def tiny_epochs(train_tokens:int) -> float:
     "Epochs that spend `TINY_TOKEN_BUDGET` tokens on a training set of `train_tokens` tokens (between 1 and 8)."
@@ -215,10 +221,11 @@ TINY_SIZE = dict(vocab_size=2048, hidden_size=128, layers=2, heads=4, kv_heads=2
 
 def resolve_training(cfg:DistillConfig,         # run settings; `None` training fields are filled in
                      preset:bool=True,          # use the student's preset (else the seed's values)
-                     train_tokens:Optional[int]=None) -> DistillConfig: # tokens of one epoch (sets the tiny student's epochs)
+                     train_tokens:Optional[int]=None) -> DistillConfig: # tokens of one epoch (sets a random student's epochs)
     "`cfg` with every preset-able training field set: the student's preset where it has one, else the seed's value."
-    fill = {**TRAIN_DEFAULTS, **(TINY_PRESET if preset and cfg.student == 'tiny' else {})}
-    if preset and cfg.student == 'tiny' and cfg.epochs is None:
+    tiny = preset and cfg.student == 'tiny'
+    fill = {**TRAIN_DEFAULTS, **(TINY_PRESET if tiny else {})}
+    if tiny and cfg.epochs is None and not (EMBEDDED_STUDENT/'config.json').exists():   # a random student: token budget
         fill['epochs'] = tiny_epochs(train_tokens) if train_tokens is not None and cfg.max_steps <= 0 else 1.0
     return cfg.replace(**{k: v for k, v in fill.items() if getattr(cfg, k) is None})
 
@@ -326,6 +333,10 @@ def _resolve_student(cfg:DistillConfig, train_ds, overwrite:bool=False) -> str:
     state.wait_for_everyone()                                  # the others load what the main process built
     return str(base)
 
+def _is_random_tiny(cfg:DistillConfig, base:str) -> bool:
+    "Whether `base` is a random tiny student built into the run (it trains its embeddings and norms too)."
+    return cfg.student == 'tiny' and Path(base).resolve() != EMBEDDED_STUDENT.resolve()
+
 def _last_checkpoint(folder:Path) -> Optional[str]:
     from transformers.trainer_utils import get_last_checkpoint
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
@@ -415,7 +426,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     elif torch.cuda.is_available(): gc = needs_checkpointing(model, cfg.batch_size*max(lengths), liger)
     else: gc = cfg.student != 'tiny'
     model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                     modules_to_save=TINY_SAVE if cfg.student == 'tiny' else None, gradient_checkpointing=gc)
+                     modules_to_save=TINY_SAVE if _is_random_tiny(cfg, base) else None, gradient_checkpointing=gc)
     train_ds = train_ds.add_column('length', lengths)
     if val_ds is not None: val_ds = val_ds.add_column('length', lengths_val)
     steps_per_epoch = math.ceil(len(train_ds)/(cfg.batch_size*cfg.grad_accum))

@@ -63,8 +63,8 @@ def labels_carry_context(cfg, teacher:str) -> bool:
     return bool(lines) and all(r.get('context') == prompts[r['id']] for r in lines)
 
 
-def same_labels(cfg, teacher:str, other, other_teacher:str='rule') -> float|None:
-    "Share of the run's training windows (code, end) whose answer equals the `other` run's for the same window (None without it)."
+def same_labels(cfg, teacher:str, other, other_teacher:str='rule', key=None) -> float|None:
+    "Share of the run's training windows (code, end) whose answer (or `key(answer)`) equals the `other` run's for the same window (None without it)."
     from stockdistill.dataset import read_jsonl
     from stockdistill.teacher import teacher_name
     def answers(c, t):
@@ -72,10 +72,17 @@ def same_labels(cfg, teacher:str, other, other_teacher:str='rule') -> float|None
         return {(r.get('code'), r.get('end')): r.get('label') for r in read_jsonl(f)} if f.exists() else {}
     a, b = answers(cfg, teacher), answers(other, other_teacher)
     both = [k for k in a if k in b]
-    return round(sum(a[k] == b[k] for k in both)/len(both), 4) if both else None
+    key = key or (lambda x: x)
+    return round(sum(key(a[k]) == key(b[k]) for k in both)/len(both), 4) if both else None
 
 
-def row(cfg, retrieval:str, teacher:str, metrics:dict, cost:dict, labels_as_none=None) -> dict:
+def compare_labels(cfg, teacher:str, none) -> tuple:
+    "(answers, verdicts) equal to the no-retrieval run's, as shares of the training windows."
+    from stockdistill.evaluate import answer_direction
+    return same_labels(cfg, teacher, none), same_labels(cfg, teacher, none, key=answer_direction)
+
+
+def row(cfg, retrieval:str, teacher:str, metrics:dict, cost:dict, labels_as_none=None, verdicts_as_none=None) -> dict:
     "One line of the results table."
     a, b, t = metrics['after'], metrics['before'], metrics.get('teacher', {})
     if b.get('json_valid') == 0 and not any(r.get('before') not in (None, 'unknown') for r in metrics.get('records', [])): b = {}   # --skip-base
@@ -87,7 +94,7 @@ def row(cfg, retrieval:str, teacher:str, metrics:dict, cost:dict, labels_as_none
                 agreement=pick(a, 'direction_agreement'), bleu=pick(a, 'bleu'), rougeL=pick(a, 'rougeL'),
                 embed=pick(a, 'embed'), json_valid=pick(a, 'json_valid'),
                 **{k: cost[k] for k in ('tokens_added', 'prompt_tokens', 'build_s', 'graph_builds', 'graph_build_s', 'query_ms')},
-                labels_carry_context=labels_carry_context(cfg, teacher), labels_as_none=labels_as_none,
+                labels_carry_context=labels_carry_context(cfg, teacher), labels_as_none=labels_as_none, verdicts_as_none=verdicts_as_none,
                 teacher_dirs=dict(Counter(r['teacher'] for r in metrics.get('records', []))), student_dirs=a.get('directions'),
                 seconds={k: v for k, v in metrics.get('stage_seconds', {}).items() if k in ('label', 'train', 'evaluate', 'total')})
 
@@ -128,12 +135,12 @@ def main(argv=None):
         cfg = base.replace(run_name=f'{args.prefix}-{retrieval}-{teacher}', retrieval=retrieval, teacher=teacher)
         if args.collect:
             res['runs'].append(row(cfg, retrieval, teacher, json.loads(cfg.metrics_file.read_text()), res['costs'][retrieval],
-                                   same_labels(cfg, teacher, none)))
+                                   *compare_labels(cfg, teacher, none)))
             continue
         print(f"=== {cfg.run_name}", flush=True)
         if retrieval not in res['costs']: res['costs'][retrieval] = build_cost(cfg, tok)[0]
         metrics = run_distill(cfg, report=True)['metrics']
-        res['runs'].append(row(cfg, retrieval, teacher, metrics, res['costs'][retrieval], same_labels(cfg, teacher, none)))
+        res['runs'].append(row(cfg, retrieval, teacher, metrics, res['costs'][retrieval], *compare_labels(cfg, teacher, none)))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')   # after every run: partial results survive
         print(json.dumps(res['runs'][-1], ensure_ascii=False), flush=True)

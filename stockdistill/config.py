@@ -148,11 +148,6 @@ def teachers(self:DistillConfig) -> list[str]:
     "The teacher specs of this run, in order (the first one teaches the run's own adapter)."
     return [t.strip() for t in str(self.teacher or '').split(',') if t.strip()]
 
-@patch(as_prop=True)
-def contexts(self:DistillConfig) -> list[str]:
-    "The context providers whose blocks this run's prompts carry, in order."
-    return [c.strip() for c in str(self.context or '').split(',') if c.strip()]
-
 # %% ../nbs/00_config.ipynb #d1044bad
 def slug(name:str) -> str:
     "A file-system-safe form of a teacher or model name: `deepseek-r1:deepseek-r1-250528` -> `deepseek-r1_deepseek-r1-250528`."
@@ -324,6 +319,16 @@ def settings(self:DistillConfig, cls):
     "The settings of plug-in class `cls` in this config (defaults for those not set)."
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in self.options.items() if k in names})
+
+# %% ../nbs/00_config.ipynb #c0e17a02
+@patch(as_prop=True)
+def contexts(self:DistillConfig) -> list[str]:
+    "The context providers whose blocks this run's prompts carry, in order: `context`, then those plug-in settings add."
+    names = [c.strip() for c in str(self.context or '').split(',') if c.strip()]
+    if set(self.options) - set(_plugin_fields()): import_plugins()   # a config read from a file names plug-ins not imported yet
+    for cls in SETTINGS.values():
+        if hasattr(cls, 'context_names'): names += [n for n in self.settings(cls).context_names() if n not in names]
+    return names
 
 # %% ../nbs/00_config.ipynb #f052c6cf
 _FLAG_ALIASES = {'codes': ['--stock', '--codes']}

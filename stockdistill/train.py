@@ -376,7 +376,7 @@ def _default_path(cfg:DistillConfig, split:str) -> Optional[Path]:
 def _prompt_settings(cfg:DistillConfig) -> dict:
     "The prompt settings an adapter is trained with (`ask` reads them back), and whether the budget counted tokens."
     stats = json.loads(cfg.dataset_stats_file.read_text()) if cfg.dataset_stats_file.exists() else {}
-    return dict(window=cfg.window, indicators=cfg.indicators, max_tokens=cfg.max_tokens, context=cfg.context,
+    return dict(window=cfg.window, indicators=cfg.indicators, max_tokens=cfg.max_tokens, context=','.join(cfg.contexts),
                 counted=stats.get('counted', 'tokens'))
 
 def train_student(cfg:DistillConfig=None,      # run settings; None means DistillConfig()

@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from .rope import ROPE_TYPES   # linear, dynamic, yarn
 
 # %% auto #0
-__all__ = ['ASSETS', 'LORA_TARGETS', 'TRAIN_DEFAULTS', 'SETTINGS', 'bundled_codes', 'folder_codes', 'DistillConfig', 'slug',
+__all__ = ['ASSETS', 'LORA_TARGETS', 'SETTINGS', 'TRAIN_DEFAULTS', 'bundled_codes', 'folder_codes', 'DistillConfig', 'slug',
            'read_config_file', 'load_config', 'import_plugins', 'Registry', 'register_settings', 'add_config_args',
            'config_from_args', 'MissingKeyError', 'api_key']
 
@@ -36,6 +36,7 @@ def folder_codes(folder) -> list[str]:
 
 # %% ../nbs/00_config.ipynb #b991fc75
 LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+SETTINGS = {}   # name -> dataclass of a plug-in's own settings (see `register_settings`)
 TRAIN_DEFAULTS = dict(lr=1e-4, batch_size=1, grad_accum=4, lora_r=8, lora_alpha=32, lora_dropout=0.05, epochs=1.0)  # the seed's values
 
 @dataclass
@@ -211,8 +212,6 @@ for _n, _f in _FILES.items():
     setattr(DistillConfig, _n, property(lambda self, _f=_f: self.path(_f), doc=f"`{_f}` in the run folder."))
 
 # %% ../nbs/00_config.ipynb #e8ed710e
-SETTINGS = {}   # name -> dataclass of a plug-in's own settings (see `register_settings`)
-
 def _plugin_fields() -> dict:
     "Field name -> (settings class, dataclass field) of every registered plug-in setting."
     return {f.name: (c, f) for c in SETTINGS.values() for f in fields(c)}

@@ -55,7 +55,7 @@ case $part in
     kd_methods 0 ;;
   kd) for s in $seeds; do kd_methods "$s"; done ;;
   wall)   # SFT given each method's training wall time (epochs from the measured seconds per SFT epoch: WALL_EPOCHS)
-    for s in $seeds; do for e in ${WALL_EPOCHS:-3.5 6 12}; do
+    for s in ${WALL_SEEDS:-$seeds}; do for e in ${WALL_EPOCHS:-3.5 6 12}; do
       job "kd-sftw$e-s$s" bash -c "$(declare -f kdrun); D='$D' TINY='$TINY' GPU='$GPU' R='$R'; kdrun kd-sftw$e-s$s --method sft --epochs $e --seed $s"
     done; done ;;
   *) echo "unknown part '$part' (main, kd, wall)"; exit 2 ;;

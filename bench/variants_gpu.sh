@@ -63,6 +63,8 @@ esac
 done
 while [ "$(jobs -r | wc -l)" -gt 0 ]; do sleep 15; echo "$(( $(date +%s) - T0 )) s: $(jobs -r | wc -l) running; done: $(cat "$R/done.txt" 2>/dev/null | tr '\n' ' ')"; done
 echo "all done after $(( $(date +%s) - T0 )) s"
-tar czf "$out/runs.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.npz' --exclude='checkpoint-*' "$R" 2>/dev/null
+# without weights, prompts, raw labels or pages (16 MB per file comes back): the cleaned labels of one run stand for all
+tar czf "$out/runs.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.npz' --exclude='checkpoint-*' \
+  --exclude='prompts_*.jsonl' --exclude='*.html' --exclude='labeled_data.jsonl' --exclude='val_labeled_data.jsonl' "$R" 2>/dev/null
 tar czf "$out/logs.tgz" "$R"/*.log "$R"/done.txt 2>/dev/null
 ls -la "$out"

@@ -42,7 +42,7 @@ def row(run: Path, generate: int = 0) -> dict:
                                                       'seq_kd', 'batches', 'init_adapter', 'hidden_pairs')})
     if (run/'metrics.json').exists():
         a = json.loads((run/'metrics.json').read_text(encoding='utf-8'))['after']
-        out['pipeline'] = {k: r4(a[k]) for k in ('direction_agreement', 'accuracy', 'mcc', 'bleu', 'rougeL', 'embed', 'json_valid')}
+        out['pipeline'] = {k: r4(a.get(k)) for k in ('direction_agreement', 'accuracy', 'mcc', 'bleu', 'rougeL', 'embed', 'json_valid')}
     if generate:
         from stockdistill.evaluate import score_answers
         from stockdistill.generate import generate_answers, load_student

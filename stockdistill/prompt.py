@@ -15,8 +15,8 @@ from .data import add_indicators
 # %% auto #0
 __all__ = ['TEMPLATE_VERSION', 'INSTRUCTION', 'PRICE_FIELDS', 'INDICATOR_DECIMALS', 'CONTEXT_PROVIDERS', 'ANSWER_MARK',
            'day_objects', 'window_change', 'format_change', 'make_prompt', 'parse_prompt', 'prompt_context',
-           'window_slice', 'count_tokens', 'fit_prompt', 'context_blocks', 'window_prompt', 'format_example',
-           'label_text']
+           'window_slice', 'count_tokens', 'fit_prompt', 'context_blocks', 'indicator_context', 'window_prompt',
+           'format_example', 'label_text']
 
 # %% ../nbs/01a_prompt.ipynb #2052fb2e
 TEMPLATE_VERSION = 1
@@ -169,6 +169,22 @@ def context_blocks(cfg:DistillConfig,  # run settings; `cfg.contexts` names the 
     asof = pd.Timestamp(asof)
     blocks = [CONTEXT_PROVIDERS.get(name)(code, asof, cfg) for name in cfg.contexts]
     return [b for b in blocks if b]
+
+# %% ../nbs/01a_prompt.ipynb #eacf314d
+_IND_BARS = {}   # (data source, start, end, code) -> bars with indicators, loaded once per process
+
+@CONTEXT_PROVIDERS.register('indicators')
+def indicator_context(code:str, asof, cfg:DistillConfig):
+    "Context provider: MA5, MA10 and MACD (DIF, DEA, histogram) at the last close on or before `asof`; None without 26 bars."
+    from stockdistill.data import load_bars
+    key = (cfg.data_source, cfg.start, cfg.end, code)
+    if key not in _IND_BARS: _IND_BARS[key] = load_bars(code, source=cfg.data_source, start=cfg.start, end=cfg.end)
+    hist = _IND_BARS[key]
+    hist = hist[hist['date'] <= pd.Timestamp(asof)]
+    if len(hist) < 26: return None
+    r = add_indicators(hist.reset_index(drop=True)).iloc[-1]
+    return (f"技术指标（{r['date']:%Y-%m-%d}收盘）：MA5 {r['ma5']:.2f}，MA10 {r['ma10']:.2f}，"
+            f"MACD DIF {r['dif']:.3f}、DEA {r['dea']:.3f}、柱 {r['macd']:.3f}。")
 
 # %% ../nbs/01a_prompt.ipynb #c0a1f005
 def window_prompt(code:str,               # stock code

@@ -4,7 +4,8 @@
 # processes share it well). Every run is the embedded pretrained student on the quick start's windows (--windows 16,
 # 252 training / 132 validation windows, full 30-day prompts, the tiny preset: LoRA r32/alpha 64, lr 3e-3, batch 8,
 # 3 epochs = 96 steps), bf16 LoRA (no bitsandbytes there), no embedding score (scored afterwards on the CPU).
-#   bash bench/variants_gpu.sh PART[,PART] [SEEDS]   PART: main (reasoning + graph + KD seed 0) | kd (KD methods, SEEDS) |
+#   bash bench/variants_gpu.sh PART[,PART] [SEEDS]   PART: main (reasoning + graph + KD seed 0) | graph | kd (KD methods, SEEDS) |
+#                                              ind (#13: quick start with/without --context indicators, SEEDS) |
 #                                              wall (SFT at the KD methods' wall time, SEEDS)
 # Results: $OUT/runs.tgz (run folders without weights, extract at / : they live in /tmp/vruns) and $OUT/logs.tgz.
 # Then here: bench/reasoning_experiment.py embed/table --runs-dir /tmp/vruns, bench/graph_experiment.py --collect,
@@ -45,20 +46,29 @@ kd_methods() {   # one seed: SFT then SFT→GKD (chained: it starts from the SFT
   job kd-hid-s$s bash -c "$(declare -f kdrun); D='$D' TINY='$TINY' GPU='$GPU' R='$R'; kdrun kd-hid-s$s --method kd-hidden $KDT --epochs $e --seed $s"
   job kd-gkd-s$s bash -c "$(declare -f kdrun); D='$D' TINY='$TINY' GPU='$GPU' R='$R'; kdrun kd-gkd-s$s --method gkd $KDT --epochs $e --seed $s"
 }
+graph_conditions() {   # #17: retrieval none/local/global/both with the rule teacher, local/global/both with the rule-graph teacher
+  for c in none:rule local:rule global:rule both:rule local:rule-graph global:rule-graph both:rule-graph; do
+    job "graph-${c/:/-}" python3 bench/graph_experiment.py --only "$c" --out "$R/graph_${c/:/-}.json" --student tiny $GPU
+  done
+}
 for part in ${part//,/ }; do
 case $part in
   main)
     job r14 python3 bench/reasoning_experiment.py run --runs-dir "$R" --json "$R/reasoning_experiment.json"
-    for c in none:rule local:rule global:rule both:rule local:rule-graph global:rule-graph both:rule-graph; do
-      job "graph-${c/:/-}" python3 bench/graph_experiment.py --only "$c" --out "$R/graph_${c/:/-}.json" --student tiny $GPU
-    done
+    graph_conditions
     kd_methods 0 ;;
+  graph) graph_conditions ;;
+  ind)    # #13: the quick start with and without the seed's indicators (MA5/MA10/MACD) as a context line
+    for s in $seeds; do
+      job "q-plain-s$s" $D --run-name "q-plain-s$s" $TINY $GPU --epochs 3 --seed "$s"
+      job "q-ind-s$s" $D --run-name "q-ind-s$s" $TINY $GPU --epochs 3 --seed "$s" --context indicators
+    done ;;
   kd) for s in $seeds; do kd_methods "$s"; done ;;
   wall)   # SFT given each method's training wall time (epochs from the measured seconds per SFT epoch: WALL_EPOCHS)
     for s in ${WALL_SEEDS:-$seeds}; do for e in ${WALL_EPOCHS:-3.5 6 12}; do
       job "kd-sftw$e-s$s" bash -c "$(declare -f kdrun); D='$D' TINY='$TINY' GPU='$GPU' R='$R'; kdrun kd-sftw$e-s$s --method sft --epochs $e --seed $s"
     done; done ;;
-  *) echo "unknown part '$part' (main, kd, wall)"; exit 2 ;;
+  *) echo "unknown part '$part' (main, graph, kd, wall, ind)"; exit 2 ;;
 esac
 done
 while [ "$(jobs -r | wc -l)" -gt 0 ]; do sleep 15; echo "$(( $(date +%s) - T0 )) s: $(jobs -r | wc -l) running; done: $(cat "$R/done.txt" 2>/dev/null | tr '\n' ' ')"; done

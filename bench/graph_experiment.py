@@ -35,7 +35,7 @@ def build_cost(cfg, tokenizer) -> tuple[dict, dict]:
     "Build the run's prompts once on a fresh market: (wall time, graph builds and queries, prompt and context length; the dataset)."
     from stockdistill import graph
     from stockdistill.dataset import SPLITS, build_dataset
-    from stockdistill.prompt import count_tokens
+    from stockdistill.prompt import count_tokens, prompt_context
     graph._MARKETS.clear()
     t = time.perf_counter()
     ds = build_dataset(cfg, tokenizer=tokenizer, verbose=False)
@@ -51,7 +51,10 @@ def build_cost(cfg, tokenizer) -> tuple[dict, dict]:
                 with_context=round(mean([bool(c) for c in ctx]), 3), prompt_chars=round(mean([len(r['prompt']) for r in recs]), 1),
                 context_chars=round(mean([len(c) for c in ctx]), 1), prompt_tokens=round(mean(tokens), 1),
                 tokens_added=round(mean([a - b for a, b in zip(tokens, bare)]), 1),
-                max_prompt_tokens=max(tokens), counted='characters' if tokenizer is None else 'tokens'), ds
+                max_prompt_tokens=max(tokens), counted='characters' if tokenizer is None else 'tokens',
+                graph_max_tokens=cfg.settings(graph.GraphSettings).graph_max_tokens,
+                graph_counted='characters' if graph.context_tokenizer(cfg) is None else 'tokens',
+                with_region_line=round(mean([bool(graph._CONTEXT_MOVES['region'].search(prompt_context(r['prompt']))) for r in recs]), 3)), ds
 
 
 def labels_carry_context(cfg, teacher:str) -> bool:

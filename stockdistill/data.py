@@ -43,7 +43,7 @@ def _norm_code(code) -> str:
 
 # %% ../nbs/01_data.ipynb #5a0ae82b
 def bundled_stocks() -> pd.DataFrame:
-    "The bundled `stocks.csv`: code, name, exchange, board, industry, rows, first_date, last_date."
+    "The bundled `stocks.csv`: code, name, exchange, board, industry, region, rows, first_date, last_date."
     return pd.read_csv(BUNDLED/'stocks.csv', dtype={'code': str})
 
 def stock_names() -> dict:

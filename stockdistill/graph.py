@@ -13,29 +13,30 @@ import pandas as pd
 from fastcore.basics import patch
 from .config import DistillConfig, register_settings, bundled_codes, folder_codes
 from .data import load_bars, bundled_stocks
-from .prompt import CONTEXT_PROVIDERS, format_change, parse_prompt, prompt_context
+from .prompt import CONTEXT_PROVIDERS, count_tokens, format_change, parse_prompt, prompt_context
 from .teacher import TEACHERS, Teacher, RuleTeacher, teacher_result
 
 # %% auto #0
-__all__ = ['REBUILDS', 'INDUSTRY', 'RETRIEVAL', 'GRAPH_SCALE', 'Market', 'correlations', 'build_graph', 'GraphSettings',
-           'group_stats', 'GraphUnavailable', 'EmptyNeighbourhood', 'fit_block', 'market_for', 'graph_local',
-           'graph_global', 'context_moves', 'graph_tilt', 'GraphRuleTeacher', 'move_direction', 'signal_table']
+__all__ = ['REBUILDS', 'INDUSTRY', 'REGION', 'RETRIEVAL', 'TILT_MOVES', 'GRAPH_SCALE', 'Market', 'correlations', 'build_graph',
+           'GraphSettings', 'group_stats', 'GraphUnavailable', 'EmptyNeighbourhood', 'fit_block', 'market_for',
+           'context_tokenizer', 'graph_local', 'graph_global', 'context_moves', 'graph_tilt', 'GraphRuleTeacher',
+           'move_direction', 'signal_table']
 
 # %% ../nbs/02a_graph.ipynb #b1dd2964
 class Market:
-    "The universe's daily closes on one trading calendar, with each stock's name and industry: what the graph is built from."
+    "The universe's daily closes on one trading calendar, with each stock's name, industry and region: what the graph is built from."
     def __init__(self, bars:dict,          # code -> daily bars (date, close, …) of every stock of the universe
-                 info:pd.DataFrame=None):  # code, name, industry per stock; None reads the bundled stocks.csv
+                 info:pd.DataFrame=None):  # code, name, industry (and region) per stock; None reads the bundled stocks.csv
         if not bars: raise ValueError("a market needs the bars of at least one stock")
         info = (bundled_stocks() if info is None else info).set_index('code')
         self.close = pd.DataFrame({c: b.set_index('date')['close'] for c, b in sorted(bars.items())}).sort_index().astype('float64')
         self.filled = self.close.ffill()                        # each day's last known close (looks back only)
         self.returns = self.close/self.filled.shift(1) - 1      # a day's return on the stock's previous close; NaN without a bar
         self.calendar, self.codes = self.close.index, list(self.close.columns)
-        col = lambda k: info[k].to_dict() if k in info else {}
-        names, inds = col('name'), col('industry')
-        self.names = {c: names[c] if isinstance(names.get(c), str) and names[c] else c for c in self.codes}
-        self.industry = {c: inds[c] for c in self.codes if isinstance(inds.get(c), str) and inds[c]}
+        col = lambda k: info[k].to_dict() if k in info else {}   # a table without the column: no stock has one
+        known = lambda d: {c: d[c] for c in self.codes if isinstance(d.get(c), str) and d[c]}
+        names, self.industry, self.region = known(col('name')), known(col('industry')), known(col('region'))
+        self.names = {c: names.get(c, c) for c in self.codes}   # a stock without a name is shown by its code
         self.graphs, self.stats = {}, dict(builds=0, build_s=0.0, queries=0, query_s=0.0)
 
     def __repr__(self): return (f"Market({len(self.codes)} stocks, {len(self.calendar)} days "
@@ -77,6 +78,7 @@ def correlations(market:Market,     # the universe
 
 # %% ../nbs/02a_graph.ipynb #d8057261
 INDUSTRY = '行业:'   # prefix of industry node ids
+REGION = '地区:'     # prefix of region node ids
 
 def build_graph(market:Market,       # the universe
                 date,                # the build date: returns up to this day count
@@ -84,15 +86,16 @@ def build_graph(market:Market,       # the universe
                 peers:int=3,         # correlation edges each stock makes (to its most correlated stocks)
                 min_corr:float=0.2,  # weaker correlations make no edge
                 seed:int=0):         # Louvain's seed
-    "The graph as of `date`: stock and industry nodes, each stock linked to its most correlated peers, Louvain communities."
+    "The graph as of `date`: stock, industry and region nodes, each stock linked to its most correlated peers, Louvain communities."
     C = correlations(market, date, lookback)
     live = [c for c in C.columns if C[c].drop(c).notna().any()]   # stocks with enough history to correlate
     G = nx.Graph(date=pd.Timestamp(date), lookback=lookback, corr=C)
     for c in live:
-        G.add_node(c, kind='stock', name=market.names[c], industry=market.industry.get(c))
-        if c in market.industry:
-            G.add_node(INDUSTRY + market.industry[c], kind='industry', name=market.industry[c])
-            G.add_edge(c, INDUSTRY + market.industry[c], kind='industry')
+        G.add_node(c, kind='stock', name=market.names[c], industry=market.industry.get(c), region=market.region.get(c))
+        for kind, prefix, of in (('industry', INDUSTRY, market.industry), ('region', REGION, market.region)):
+            if c in of:
+                G.add_node(prefix + of[c], kind=kind, name=of[c])
+                G.add_edge(c, prefix + of[c], kind=kind)
     for a in live:
         s = C.loc[a, live].drop(a).dropna()
         s = s.iloc[np.lexsort((s.index.to_numpy(), -s.to_numpy()))]   # by correlation, ties by code
@@ -137,7 +140,8 @@ class GraphSettings:
     graph_min_corr:float=0.2   # a weaker (market-adjusted) correlation makes no edge
     graph_communities:int=3    # community summaries global search lists
     graph_days:int=5           # trading days of the recent moves the context states
-    graph_max_chars:int=320    # characters each block may take; lower-ranked peers and communities are dropped to fit
+    graph_max_tokens:int=400   # tokens each block (graph-local, graph-global) may take, counted with the run's student tokenizer like --max-tokens (in characters only where the run has none: a tiny student without the embedded model); lower-ranked items are dropped to fit
+    graph_max_chars:int=None   # retired: the budget is --graph-max-tokens now (setting this is an error that says so)
 
     def __post_init__(self):
         checks = [('retrieval', self.retrieval in RETRIEVAL, f"must be one of {', '.join(RETRIEVAL)}"),
@@ -147,7 +151,9 @@ class GraphSettings:
                   ('graph_min_corr', -1 <= self.graph_min_corr < 1, 'must be in [-1, 1)'),
                   ('graph_communities', self.graph_communities >= 1, 'must be at least 1'),
                   ('graph_days', self.graph_days >= 1, 'must be at least 1 trading day'),
-                  ('graph_max_chars', self.graph_max_chars >= 60, 'must be at least 60 characters')]
+                  ('graph_max_tokens', self.graph_max_tokens >= 40, 'must be at least 40'),
+                  ('graph_max_chars', self.graph_max_chars is None, "is retired: the context budget is graph_max_tokens "
+                   "(--graph-max-tokens), counted with the run's student tokenizer (characters only where the run has none)")]
         for name, ok, why in checks:
             if not ok: raise ValueError(f"{name}={getattr(self, name)!r} {why}")
 
@@ -179,49 +185,58 @@ class EmptyNeighbourhood(GraphUnavailable): "The stock has no industry peer with
 
 def fit_block(render,          # k -> the block's text with its first k items
               n:int,           # items there are
-              max_chars:int,   # the budget
+              budget:int,      # tokens the block may take (`graph_max_tokens`)
               what:str,        # the block's name, for the error
-              least:int=1) -> str: # fewest items a block may have (0: its head alone will do)
-    "The longest `render(k)`, k = n … `least`, that fits in `max_chars` characters; an error when none does."
+              least:int=1,     # fewest items a block may have (0: its head alone will do)
+              tokenizer=None) -> str: # HF tokenizer that counts the budget; None counts characters
+    "The longest `render(k)`, k = n … `least`, that fits in `budget` tokens (characters without a tokenizer); an error when none does."
     for k in range(n, least - 1, -1):
-        if len(text := render(k)) <= max_chars: return text
-    raise ValueError(f"graph_max_chars={max_chars} is too small: the {what} block takes {len(render(least))} characters "
-                     f"with {'its head alone' if least == 0 else 'a single item'}")
+        if count_tokens(text := render(k), tokenizer) <= budget: return text
+    raise ValueError(f"graph_max_tokens={budget} is too small: the {what} block takes {count_tokens(render(least), tokenizer)} "
+                     f"{'characters' if tokenizer is None else 'tokens'} with {'its head alone' if least == 0 else 'a single item'}")
 
-def _group_text(market:Market, g:dict) -> str:
-    "'平均+1.20%（3涨1跌），最强…，最弱…' for a group; '（name）+1.20%' for a group of one."
+def _group_text(market:Market, g:dict, short:bool=False) -> str:
+    "'平均+1.20%（3涨1跌），最强…，最弱…' for a group (`short`: without leader and laggard); '（name）+1.20%' for a group of one."
     if g['n'] == 1: return f"（{market.names[g['leader'][0]]}）{format_change(g['mean'])}"
+    if short: return f"平均{format_change(g['mean'])}（{g['up']}涨{g['down']}跌）"
     (a, x), (b, y) = g['leader'], g['laggard']
     return (f"平均{format_change(g['mean'])}（{g['up']}涨{g['down']}跌），"
             f"最强{market.names[a]}{format_change(x)}，最弱{market.names[b]}{format_change(y)}")
 
 # %% ../nbs/02a_graph.ipynb #905f4f0b
 @patch
-def local_search(self:Market, code:str, asof, s:GraphSettings=None) -> str:
-    "The stock's neighbourhood as of `asof` in Chinese: its industry peers' and most correlated peers' recent moves."
+def local_search(self:Market, code:str, asof, s:GraphSettings=None,
+                 tokenizer=None) -> str: # counts `graph_max_tokens`; None counts characters
+    "The stock's neighbourhood as of `asof` in Chinese: its industry peers', most correlated peers' and same-region peers' recent moves."
     s, asof = s or GraphSettings(), pd.Timestamp(asof)
     self.check_code(code)
     G, t = self.graph(asof, s), time.perf_counter()
     if G is None: raise GraphUnavailable(f"no graph before {asof:%Y-%m-%d}: the data start {self.calendar[0]:%Y-%m-%d}")
-    mv, ind = self.moves(asof, s.graph_days), self.industry.get(code)
-    gi = group_stats(mv, [c for c in self.codes if c != code and ind is not None and self.industry.get(c) == ind])
+    mv, ind, reg = self.moves(asof, s.graph_days), self.industry.get(code), self.region.get(code)
+    same = lambda of, v: [c for c in self.codes if c != code and v is not None and of.get(c) == v]
+    gi, gr = group_stats(mv, same(self.industry, ind)), group_stats(mv, same(self.region, reg))
     peers = sorted(((b, d['weight']) for b, d in G[code].items() if d['kind'] == 'corr'), key=lambda p: (-p[1], p[0])) if code in G else []
     peers = [(b, w) for b, w in peers if not np.isnan(mv[b])][:s.graph_peers]
-    if not peers and not gi['n']:
-        raise EmptyNeighbourhood(f"stock {code} has no neighbour in the graph of {G.graph['date']:%Y-%m-%d}: no industry peer "
-                                 f"with a move and no peer correlated at >= graph_min_corr={s.graph_min_corr}")
+    if not peers and not gi['n'] and not gr['n']:
+        raise EmptyNeighbourhood(f"stock {code} has no neighbour in the graph of {G.graph['date']:%Y-%m-%d}: no industry or region "
+                                 f"peer with a move and no peer correlated at >= graph_min_corr={s.graph_min_corr}")
     head = f"【图谱检索·局部】截至{asof:%Y-%m-%d}近{s.graph_days}日："
     industry = [f"同行业{ind}另{gi['n']}只{_group_text(self, gi)}。"] if gi['n'] else []
     lead = f"走势最相近的个股（截至{G.graph['date']:%Y-%m-%d}的{s.graph_lookback}个交易日、剔除大盘后的收益相关）："
     items = [f"{self.names[b]}（{self.industry.get(b, '行业未知')}，相关{w:.2f}）{format_change(mv[b])}" for b, w in peers]
-    render = lambda k: head + ''.join(industry[:k]) + (lead + '；'.join(items[:k - len(industry)]) + '。' if k > len(industry) else '')
-    out = fit_block(render, len(industry) + len(items), s.graph_max_chars, 'graph-local')
+    region = [f"注册地同在{reg}的另{gr['n']}只{_group_text(self, gr, short=True)}。"] if gr['n'] else []
+    def render(k):   # the first k items by rank: industry, peers by correlation, region
+        p = items[:max(0, k - len(industry))]
+        return (head + ''.join(industry[:k]) + (lead + '；'.join(p) + '。' if p else '')
+                + ''.join(region[:max(0, k - len(industry) - len(items))]))
+    out = fit_block(render, len(industry) + len(items) + len(region), s.graph_max_tokens, 'graph-local', tokenizer=tokenizer)
     self.stats['queries'] += 1; self.stats['query_s'] += time.perf_counter() - t
     return out
 
 # %% ../nbs/02a_graph.ipynb #a3612799
 @patch
-def global_search(self:Market, code:str, asof, s:GraphSettings=None) -> str:
+def global_search(self:Market, code:str, asof, s:GraphSettings=None,
+                  tokenizer=None) -> str: # counts `graph_max_tokens`; None counts characters
     "The market as of `asof` in Chinese: breadth, then community summaries ranked by how closely `code` moves with each."
     s, asof = s or GraphSettings(), pd.Timestamp(asof)
     self.check_code(code)
@@ -247,12 +262,13 @@ def global_search(self:Market, code:str, asof, s:GraphSettings=None) -> str:
             f"平均{format_change(gm['mean'])}。")
     lead = f"板块社区（按截至{G.graph['date']:%Y-%m-%d}的{s.graph_lookback}个交易日、剔除大盘后的收益相关划分）："
     render = lambda k: head + (lead + '；'.join(items[:k]) + '。' if k else '')
-    out = fit_block(render, len(items), s.graph_max_chars, 'graph-global', least=0)
+    out = fit_block(render, len(items), s.graph_max_tokens, 'graph-global', least=0, tokenizer=tokenizer)
     self.stats['queries'] += 1; self.stats['query_s'] += time.perf_counter() - t
     return out
 
 # %% ../nbs/02a_graph.ipynb #dc7027bf
-_MARKETS = {}   # (data source, start, end, codes) -> Market, per process
+_MARKETS = {}      # (data source, start, end, codes) -> Market, per process
+_TOKENIZERS = {}   # student -> its tokenizer (None: none), per process
 
 def market_for(cfg:DistillConfig) -> Market:
     "The market of the run's data source (all its stocks plus the run's own codes), loaded once per process."
@@ -262,16 +278,23 @@ def market_for(cfg:DistillConfig) -> Market:
     if key not in _MARKETS: _MARKETS[key] = Market(load_bars(codes, source=src, start=cfg.start, end=cfg.end))
     return _MARKETS[key]
 
+def context_tokenizer(cfg:DistillConfig):
+    "The tokenizer that counts `graph_max_tokens`: the run's student's, as for `--max-tokens` (None, so characters, where it has none)."
+    if cfg.student not in _TOKENIZERS:
+        from stockdistill.distill import student_tokenizer   # the pipeline's module, imported only when a run asks
+        _TOKENIZERS[cfg.student] = student_tokenizer(cfg)
+    return _TOKENIZERS[cfg.student]
+
 @CONTEXT_PROVIDERS.register('graph-local')
 def graph_local(code:str, asof, cfg:DistillConfig):
-    "Context provider: local search (industry and correlated peers), None where the graph has nothing for the stock."
-    try: return market_for(cfg).local_search(code, asof, cfg.settings(GraphSettings))
+    "Context provider: local search (industry, correlated and same-region peers), None where the graph has nothing for the stock."
+    try: return market_for(cfg).local_search(code, asof, cfg.settings(GraphSettings), context_tokenizer(cfg))
     except GraphUnavailable: return None
 
 @CONTEXT_PROVIDERS.register('graph-global')
 def graph_global(code:str, asof, cfg:DistillConfig):
     "Context provider: global search (market breadth and community summaries), None where the graph has nothing."
-    try: return market_for(cfg).global_search(code, asof, cfg.settings(GraphSettings))
+    try: return market_for(cfg).global_search(code, asof, cfg.settings(GraphSettings), context_tokenizer(cfg))
     except GraphUnavailable: return None
 
 # %% ../nbs/02a_graph.ipynb #4ed1980c
@@ -280,10 +303,12 @@ _CONTEXT_MOVES = {   # what the two searches write, read back: industry, correla
     'industry': re.compile(r'同行业\S+?另\d+只(?:（[^）]*）|平均)' + _MOVE),
     'peers': re.compile(r'，相关-?\d+\.\d+）' + _MOVE),
     'community': re.compile(r'本股所在社区其余\d+只（[^）]*）平均' + _MOVE),
-    'market': re.compile(r'样本\d+只，\d+涨\d+跌，平均' + _MOVE)}
+    'market': re.compile(r'样本\d+只，\d+涨\d+跌，平均' + _MOVE),
+    'region': re.compile(r'注册地同在\S+?的另\d+只(?:（[^）]*）|平均)' + _MOVE)}
+TILT_MOVES = ('industry', 'peers', 'community', 'market')   # the moves rule-graph tilts against (not region: see above)
 
 def context_moves(prompt:str) -> dict:
-    "The recent moves (percent) graph retrieval put in a prompt's context: industry, peers (their mean), community, market; None where absent."
+    "The recent moves (percent) graph retrieval put in a prompt's context: industry, peers (their mean), community, market, region; None where absent."
     ctx = prompt_context(prompt)
     found = {k: [float(x) for x in rx.findall(ctx)] for k, rx in _CONTEXT_MOVES.items()}
     return {k: round(float(np.mean(v)), 4) if v else None for k, v in found.items()}
@@ -299,8 +324,8 @@ _GRAPH_ADVICE = {'up': '可小仓位参与反弹，跌破{low:.2f}元止损', 'd
 _GRAPH_NAMES = {'industry': '同行业', 'peers': '相关个股', 'community': '所在社区', 'market': '全样本'}
 
 def graph_tilt(moves:dict) -> float|None:
-    "Reversal tilt in [-1, 1]: minus the mean of the context's moves over `GRAPH_SCALE`, clipped (None without any move)."
-    xs = [v for v in moves.values() if v is not None]
+    "Reversal tilt in [-1, 1]: minus the mean of the context's `TILT_MOVES` over `GRAPH_SCALE`, clipped (None without any)."
+    xs = [moves[k] for k in TILT_MOVES if moves.get(k) is not None]
     return None if not xs else float(np.clip(-np.mean(xs)/GRAPH_SCALE, -1, 1))
 
 @TEACHERS.register('rule-graph')
@@ -329,8 +354,8 @@ def answer_one(self:GraphRuleTeacher, prompt:str) -> dict:
     moves = context_moves(prompt)
     base, tilt, d = self.judge(prompt)
     if tilt is None: return r
-    x = float(np.mean([v for v in moves.values() if v is not None]))
-    said = '、'.join(f"{_GRAPH_NAMES[k]}{format_change(v)}" for k, v in moves.items() if v is not None)
+    x = float(np.mean([moves[k] for k in TILT_MOVES if moves.get(k) is not None]))
+    said = '、'.join(f"{_GRAPH_NAMES[k]}{format_change(moves[k])}" for k in TILT_MOVES if moves.get(k) is not None)
     view = '板块短线偏热，提防回落' if x > 0 else '板块短线偏弱，留意反弹' if x < 0 else '板块平稳'
     label = dict(r['label'], analysis=r['label']['analysis'] + f"图谱显示近期{said}，{view}。")
     if d != base:
@@ -357,7 +382,7 @@ def signal_table(records:list,            # dataset records with prompt and outc
     recs = [r for r in records if (r.get('outcome') or {}).get('direction')]
     if not recs: raise ValueError("signal_table: no record has an outcome (outcome.direction)")
     y, moves = [r['outcome']['direction'] for r in recs], [context_moves(r['prompt']) for r in recs]
-    mean = lambda m: (lambda xs: float(np.mean(xs)) if xs else None)([v for v in m.values() if v is not None])
+    mean = lambda m: (lambda xs: float(np.mean(xs)) if xs else None)([m[k] for k in TILT_MOVES if m.get(k) is not None])
     preds = {f'{k} momentum': [move_direction(m[k], flat_band) for m in moves] for k in _CONTEXT_MOVES}
     preds['graph reversal'] = [move_direction(None if mean(m) is None else -mean(m), flat_band) for m in moves]
     preds['window momentum'] = [momentum_direction(r['prompt'], flat_band) for r in recs]

@@ -170,7 +170,7 @@ def context_blocks(cfg:DistillConfig,  # run settings; `cfg.contexts` names the 
     blocks = [CONTEXT_PROVIDERS.get(name)(code, asof, cfg) for name in cfg.contexts]
     return [b for b in blocks if b]
 
-# %% ../nbs/01a_prompt.ipynb #eacf314d
+# %% ../nbs/01a_prompt.ipynb #20cfecbb
 _IND_BARS = {}   # (data source, start, end, code) -> bars with indicators, loaded once per process
 
 @CONTEXT_PROVIDERS.register('indicators')

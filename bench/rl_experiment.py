@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 r4 = lambda v: None if v is None else round(float(v), 4)
-SPLITS = ('val', 'test')
 
 
 def sft_run(run: Path):
@@ -103,12 +102,15 @@ def main():
     p.add_argument('--out', default='nbs/results/rl_experiment.json')
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='cpu hides any GPU; cuda requires one')
     p.add_argument('--grpo-steps', type=int, default=40)
-    p.add_argument('--control-steps', type=int, default=80, help="the seed's control (its answers are 1-2 tokens: cheap steps)")
+    p.add_argument('--control-steps', type=int, default=80, help="the seed's control (its answers are cut at --control-tokens: cheap steps)")
+    p.add_argument('--control-tokens', type=int, default=32, help="tokens sampled per answer of the control (its call comes first)")
     p.add_argument('--grpo-prompts', type=int, default=4)
     p.add_argument('--grpo-group-size', type=int, default=4)
     p.add_argument('--kl-beta', type=float, default=0.04)
     p.add_argument('--lr', type=float, default=3e-4)
     p.add_argument('--only', default='sft,grpo,control,tags', help='comma-separated arms to (re)train and evaluate')
+    p.add_argument('--splits', default='val,test', help='splits every student answers (add train to see what RL fitted)')
+    p.add_argument('--eval-only', action='store_true', help="evaluate the arms' existing adapters again, no training")
     p.add_argument('--note', default='', help='how it was run (machine, load)')
     a = p.parse_args()
     if a.device == 'cpu': os.environ['CUDA_VISIBLE_DEVICES'] = ''
@@ -119,7 +121,7 @@ def main():
     run = Path(a.run)
     t0 = time.time()
     cfg = sft_run(run)
-    files = {s: _default_path(cfg, s) for s in SPLITS}
+    files = {s: _default_path(cfg, s) for s in a.splits.split(',')}
     res_path = Path(a.out)
     res = json.loads(res_path.read_text(encoding='utf-8')) if res_path.exists() else {}
     arms = [x.strip() for x in a.only.split(',') if x.strip()]
@@ -128,7 +130,7 @@ def main():
     specs = {
         'sft': None,
         'grpo': ('grpo', a.grpo_steps, dict(common, grpo_steps=a.grpo_steps, kl_beta=a.kl_beta)),
-        'control': ('grpo', a.control_steps, dict(common, grpo_steps=a.control_steps, **SEED_CONTROL)),
+        'control': ('grpo', a.control_steps, dict(common, grpo_steps=a.control_steps, grpo_max_new_tokens=a.control_tokens, **SEED_CONTROL)),
         'tags': ('outcome-tags', None, {}),
     }
     rows = res.get('rows', {})
@@ -139,9 +141,11 @@ def main():
             method, _, opts = specs[arm]
             acfg = cfg.replace(method=method, out=f'{arm}_adapter', overwrite=True, options=opts,
                                lr=a.lr if method == 'grpo' else cfg.lr)
-            print(f'[{arm}] training: method {method}, {opts}', flush=True)
-            train = METHODS.get(method)(acfg, train_path=files_train(cfg), val_path=files['val'], resume=False)
             adapter = acfg.adapter_dir
+            if a.eval_only: train = json.loads((adapter/'train_summary.json').read_text(encoding='utf-8'))
+            else:
+                print(f'[{arm}] training: method {method}, {opts}', flush=True)
+                train = METHODS.get(method)(acfg, train_path=files_train(cfg), val_path=_default_path(cfg, 'val'), resume=False)
         print(f'[{arm}] evaluating {adapter}', flush=True)
         row = dict(arm=arm, method=train.get('method'), train_s=train.get('wall_s'), steps=train.get('steps'),
                    settings=train.get('settings'), reward_first=train.get('reward_first'), reward_last=train.get('reward_last'),
@@ -149,19 +153,23 @@ def main():
                    outcome_tags=train.get('outcome_tags'), note=train.get('note'),
                    eval=evaluate_adapter(acfg, adapter, files))
         if arm in ('control', 'sft'): row['word_prompt'] = word_accuracy(adapter, files)
-        row['seconds'] = round(time.time() - t, 1)
+        if a.eval_only and arm in rows: row = dict(rows[arm], eval={**rows[arm]['eval'], **row['eval']},
+                                                   word_prompt={**rows[arm].get('word_prompt', {}), **row.get('word_prompt', {})})
+        else: row['seconds'] = round(time.time() - t, 1)
         rows[arm] = row
         res.update(rows=rows)
         res_path.parent.mkdir(parents=True, exist_ok=True)
         res_path.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')
         e = row['eval']
         print(json.dumps({arm: {s: {k: e[s][k] for k in ('direction_agreement', 'accuracy', 'mcc', 'json_valid', 'distinct_2',
-                                                        'repetition', 'cjk_share', 'length')} for s in SPLITS}}, ensure_ascii=False), flush=True)
-    res.update(note=a.note, cores=os.cpu_count(), device=a.device, run=str(run), references=references(files, files_train(cfg)),
-               config=dict(grpo_steps=a.grpo_steps, control_steps=a.control_steps, grpo_prompts=a.grpo_prompts,
-                           grpo_group_size=a.grpo_group_size, kl_beta=a.kl_beta, lr=a.lr, windows=cfg.windows,
-                           val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio),
+                                                        'repetition', 'cjk_share', 'length')} for s in files}}, ensure_ascii=False), flush=True)
+    res.update(note=a.note or res.get('note', ''), cores=os.cpu_count(), device=a.device, run=str(run),
+               references={**res.get('references', {}), **references(files, files_train(cfg))},
                total_s=round(time.time() - t0 + res.get('total_s', 0), 1))
+    if not a.eval_only or 'config' not in res:
+        res['config'] = dict(grpo_steps=a.grpo_steps, control_steps=a.control_steps, control_tokens=a.control_tokens,
+                             grpo_prompts=a.grpo_prompts, grpo_group_size=a.grpo_group_size, kl_beta=a.kl_beta, lr=a.lr,
+                             windows=cfg.windows, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio)
     res_path.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')
     print('wrote', res_path)
 

@@ -65,7 +65,8 @@ def test_correctness_reward_on_hand_built_answers():
     assert [correctness_reward(GOOD, o) for o in (down, up, flat)] == [1.0, 0.0, 0.0]
     hedge = json.dumps(dict(prediction='不会继续下跌，预计震荡', analysis='x', advice='y'), ensure_ascii=False)
     assert correctness_reward(hedge, flat) == 1.0                        # the evaluation's negation rule: flat
-    assert [word_direction(a) for a in ('涨', ' 跌。', '上涨', '')] == ['up', 'down', 'unknown', 'unknown']
+    assert ([word_direction(a) for a in ('涨', ' 跌。', '后市看涨', '{"prediction": "预计下跌，不会上涨"}', '横盘', '')]
+            == ['up', 'down', 'up', 'down', 'unknown', 'unknown'])
     assert [correctness_reward(w, o, 'word') for w, o in (('涨', up), ('跌', down), ('涨', flat), ('跌', flat))] == [1, 1, 1, 0]
 
 

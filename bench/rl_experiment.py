@@ -96,6 +96,39 @@ def references(files: dict, train_path) -> dict:
     return out
 
 
+def run_searcher(run: Path, steps: int = 300, seed: int = 0) -> dict:
+    "The S3-style searcher: which graph-retrieval blocks the frozen rule-graph generator gets, trained on training outcomes."
+    import torch
+    from stockdistill.config import DistillConfig
+    from stockdistill.dataset import build_dataset, read_jsonl
+    from stockdistill.evaluate import direction_scores
+    from stockdistill.rl import (SEARCH_ACTIONS, TrainingOutcomes, generator_directions, search_features, search_gains,
+                                 searcher_choices, train_searcher)
+    cfg = DistillConfig(run_name=run.name + '_search', runs_dir=str(run.parent), windows=16, val_ratio=0.1, test_ratio=0.1,
+                        options=dict(retrieval='both'))
+    if not cfg.prompts_file('test').exists(): build_dataset(cfg, write=True)
+    recs = {s: read_jsonl(cfg.prompts_file(s)) for s in ('train', 'val', 'test')}
+    t0 = time.time()
+    dirs = {s: generator_directions(r) for s, r in recs.items()}
+    feats = {s: torch.tensor([search_features(x) for x in r]) for s, r in recs.items()}
+    gains = search_gains(recs['train'], dirs['train'], TrainingOutcomes(recs['train']))
+    policy, log = train_searcher(feats['train'], gains, steps=steps, seed=seed)
+    out = dict(steps=steps, seconds=round(time.time() - t0, 1), generator='rule-graph', train_gain_by_action=
+               {a: r4(g) for a, g in zip(SEARCH_ACTIONS, gains.mean(0).tolist())}, log=log[::10] + log[-1:])
+    for s, r in recs.items():
+        y = [x['outcome']['direction'] for x in r]
+        choice = searcher_choices(policy, feats[s])
+        row = {a: {k: r4(v) for k, v in direction_scores(y, [d[a] for d in dirs[s]]).items() if k in ('accuracy', 'mcc')}
+               for a in SEARCH_ACTIONS}
+        row['searcher'] = {k: r4(v) for k, v in direction_scores(y, [d[c] for d, c in zip(dirs[s], choice)]).items()
+                           if k in ('accuracy', 'mcc')}
+        row['searcher']['choices'] = {a: choice.count(a) for a in SEARCH_ACTIONS}
+        row['oracle_accuracy'] = r4(sum(any(d[a] == t for a in SEARCH_ACTIONS) for d, t in zip(dirs[s], y))/len(y))
+        row['n'] = len(y)
+        out[s] = row
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--run', default='runs/rl_sft', help='the SFT run folder (made when missing)')
@@ -108,7 +141,7 @@ def main():
     p.add_argument('--grpo-group-size', type=int, default=4)
     p.add_argument('--kl-beta', type=float, default=0.04)
     p.add_argument('--lr', type=float, default=3e-4)
-    p.add_argument('--only', default='sft,grpo,control,tags', help='comma-separated arms to (re)train and evaluate')
+    p.add_argument('--only', default='sft,grpo,control,tags,searcher', help='comma-separated arms to (re)train and evaluate')
     p.add_argument('--splits', default='val,test', help='splits every student answers (add train to see what RL fitted)')
     p.add_argument('--eval-only', action='store_true', help="evaluate the arms' existing adapters again, no training")
     p.add_argument('--note', default='', help='how it was run (machine, load)')
@@ -134,6 +167,11 @@ def main():
         'tags': ('outcome-tags', None, {}),
     }
     rows = res.get('rows', {})
+    if 'searcher' in arms:
+        arms.remove('searcher')
+        print('[searcher] building the --retrieval both prompts, training', flush=True)
+        res['searcher'] = run_searcher(run)
+        print(json.dumps({s: res['searcher'][s] for s in ('train', 'val', 'test')}, ensure_ascii=False), flush=True)
     for arm in arms:
         t = time.time()
         if specs[arm] is None: acfg, adapter, train = cfg, run/'lora_adapter', json.loads((run/'lora_adapter'/'train_summary.json').read_text())

@@ -177,3 +177,24 @@ def test_outcome_tags_come_from_training_outcomes_only(run):
     for realized in ('up', 'down', 'flat'):                              # a validation window's tag never depends on its outcome
         v = dict(val, outcome=dict(direction=realized, forward_return=0.0))
         assert coll.texts(v)[0].endswith('事后标注：预测正确\n\n### 答案：')
+
+
+def test_searcher_actions_gains_and_training(run):
+    from stockdistill.rl import SEARCH_ACTIONS, search_gains, searcher_choices, subset_prompt, train_searcher
+    r = dict(run['ds']['train'][0])
+    local, glob = '【图谱检索·局部】截至2020-02-20近5日：同行业证券另1只（中国银河）+11.68%。', '【图谱检索·全局】截至2020-02-20近5日：样本34只，30涨4跌，平均+6.14%。'
+    r.update(prompt=f"{local}\n{glob}\n{r['prompt']}", context=[local, glob])
+    assert [subset_prompt(r, a).count('【图谱检索') for a in SEARCH_ACTIONS] == [0, 1, 1, 2]
+    assert subset_prompt(r, 'global').startswith(glob) and subset_prompt(r, 'both') == r['prompt']
+    with pytest.raises(ValueError, match='search action'): subset_prompt(r, 'all')
+    ds = run['ds']
+    outcomes = TrainingOutcomes(ds['train'] + ds['val'])
+    y = outcomes(r['id'])['direction']
+    other = next(d for d in ('up', 'down', 'flat') if d != y)
+    dirs = [dict(none=y, local=other, both=other, **{'global': y})]
+    assert search_gains([r], dirs, outcomes).tolist() == [[1.0, 0.0, 1.0, 0.0]]   # correct(a) − correct(both)
+    with pytest.raises(KeyError, match='not a training window'): search_gains(ds['val'][:1], dirs, outcomes)
+    X = torch.tensor([[1.0, 1.0], [1.0, -1.0]]).repeat(100, 1)
+    gains = torch.zeros(200, 4); gains[0::2, 2] = 1.0; gains[1::2, 3] = 1.0      # 'global' pays on +1, 'both' on -1
+    policy, log = train_searcher(X, gains, steps=100)
+    assert searcher_choices(policy, X[:2]) == ['global', 'both'] and log[-1]['reward'] > log[0]['reward']

@@ -91,6 +91,7 @@ def references(files: dict, train_path) -> dict:
         out[split] = dict(teacher=dict(accuracy=r4(teacher['accuracy']), mcc=r4(teacher['mcc']), confusion=teacher['confusion'],
                                        **{k: r4(v) for k, v in language_metrics([r['label'] for r in recs]).items()}),
                           realized={d: y.count(d) for d in ('up', 'down', 'flat')},
+                          rose=r4(sum(r['outcome']['forward_return'] > 0 for r in recs)/len(recs)),   # the word prompt's 'always 涨'
                           **{k: dict(accuracy=r4(direction_scores(y, v)['accuracy']), mcc=r4(direction_scores(y, v)['mcc']))
                              for k, v in base.items()})
     return out

@@ -141,8 +141,9 @@ def main():
     p.add_argument('--grpo-prompts', type=int, default=4)
     p.add_argument('--grpo-group-size', type=int, default=4)
     p.add_argument('--kl-beta', type=float, default=0.04)
+    p.add_argument('--kl-beta-strong', type=float, default=0.2, help="the 'grpo-strong-kl' arm's β (the leash tighter)")
     p.add_argument('--lr', type=float, default=3e-4)
-    p.add_argument('--only', default='sft,grpo,control,tags,searcher', help='comma-separated arms to (re)train and evaluate')
+    p.add_argument('--only', default='sft,grpo,grpo-strong-kl,control,tags,searcher', help='comma-separated arms to (re)train and evaluate')
     p.add_argument('--splits', default='val,test', help='splits every student answers (add train to see what RL fitted)')
     p.add_argument('--eval-only', action='store_true', help="evaluate the arms' existing adapters again, no training")
     p.add_argument('--note', default='', help='how it was run (machine, load)')
@@ -164,6 +165,7 @@ def main():
     specs = {
         'sft': None,
         'grpo': ('grpo', a.grpo_steps, dict(common, grpo_steps=a.grpo_steps, kl_beta=a.kl_beta)),
+        'grpo-strong-kl': ('grpo', a.grpo_steps, dict(common, grpo_steps=a.grpo_steps, kl_beta=a.kl_beta_strong)),
         'control': ('grpo', a.control_steps, dict(common, grpo_steps=a.control_steps, grpo_max_new_tokens=a.control_tokens, **SEED_CONTROL)),
         'tags': ('outcome-tags', None, {}),
     }
@@ -178,7 +180,7 @@ def main():
         if specs[arm] is None: acfg, adapter, train = cfg, run/'lora_adapter', json.loads((run/'lora_adapter'/'train_summary.json').read_text())
         else:
             method, _, opts = specs[arm]
-            acfg = cfg.replace(method=method, out=f'{arm}_adapter', overwrite=True, options=opts,
+            acfg = cfg.replace(method=method, out=f"{arm.replace('-', '_')}_adapter", overwrite=True, options=opts,
                                lr=a.lr if method == 'grpo' else cfg.lr)
             adapter = acfg.adapter_dir
             if a.eval_only: train = json.loads((adapter/'train_summary.json').read_text(encoding='utf-8'))
@@ -207,7 +209,8 @@ def main():
                total_s=round(time.time() - t0 + res.get('total_s', 0), 1))
     if not a.eval_only or 'config' not in res:
         res['config'] = dict(grpo_steps=a.grpo_steps, control_steps=a.control_steps, control_tokens=a.control_tokens,
-                             grpo_prompts=a.grpo_prompts, grpo_group_size=a.grpo_group_size, kl_beta=a.kl_beta, lr=a.lr,
+                             grpo_prompts=a.grpo_prompts, grpo_group_size=a.grpo_group_size, kl_beta=a.kl_beta,
+                             kl_beta_strong=a.kl_beta_strong, lr=a.lr,
                              windows=cfg.windows, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio)
     res_path.write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding='utf-8')
     print('wrote', res_path)

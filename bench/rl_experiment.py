@@ -1,15 +1,16 @@
 """The RL experiment of 05e_rl (issue #19): SFT vs SFT→GRPO (ours) vs the seed's control vs outcome-tagged SFT.
 
-Usage (CPU, the embedded student; ~35 min on 2 shared cores):
+Usage (CPU, the embedded student; ~55 min on 2 cores shared with other jobs, most of it the GRPO and control arms):
   .venv/bin/python bench/rl_experiment.py --run runs/rl_sft --out nbs/results/rl_experiment.json
   .venv/bin/python bench/rl_experiment.py --run runs/rl_sft --device cuda --grpo-steps 200 ...   # on a GPU
 
 1. the SFT run (made here when `RUN/lora_adapter` is missing): `stockdistill distill` with the quick start's student and
    teacher, `--windows 16 --val-ratio 0.1 --test-ratio 0.1` (the training period is the quick start's, so the shipped
    base never saw a validation or test window; the quick start's validation period is split into validation and test);
-2. three adapters trained in the same run folder from its SFT adapter / labels:
-   grpo (ours: format + correctness + language rewards, β = --kl-beta), control (the seed's: word prompt, correctness
-   only, β = 0), tags (`--method outcome-tags`, the SFT recipe on hindsight-tagged inputs);
+2. four adapters trained in the same run folder from its SFT adapter / labels:
+   grpo (ours: format + correctness + language rewards, β = --kl-beta), grpo-strong-kl (β = --kl-beta-strong),
+   control (the seed's: word prompt, correctness only, β = 0), tags (`--method outcome-tags`, the SFT recipe on
+   hindsight-tagged inputs); and the S3-style searcher (`--only searcher`, seconds);
 3. every adapter answers the validation and test windows (greedy, 160 new tokens, each with its own answer function),
    scored against the teacher's labels and the realized moves (accuracy, MCC, confusion), with the language figures
    of 05e_rl; the control also answers its own word prompt.

@@ -1,5 +1,5 @@
 """The experiment of 05d_merge: regime experts (trend / range windows), the single adapter on all windows, every PEFT
-merge method and the LoRA mixture (top-1, top-2), all evaluated on the same validation windows; one compare page and
+merge method, the LoRA mixture (top-1, top-2) and mergekit's full Qwen2-MoE, all evaluated on the same validation windows; one compare page and
 nbs/results/merge_experiment.json.
 
     python bench/merge_experiment.py                      # the quick start's data (16 windows x 40 stocks), CPU or CUDA
@@ -70,7 +70,7 @@ def main():
     env = dict(os.environ, HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
     if a.device == 'cpu': env['CUDA_VISIBLE_DEVICES'] = ''
     R, X = Path(a.runs_dir), a.prefix
-    names = [X, f'{X}-trend', f'{X}-range', *[f'{X}-{m}' for m in MERGES], f'{X}-moe1', f'{X}-moe2']
+    names = [X, f'{X}-trend', f'{X}-range', *[f'{X}-{m}' for m in MERGES], f'{X}-moe1', f'{X}-moe2', f'{X}-mergekit']
     if a.fresh:
         for n in names: shutil.rmtree(R/n, ignore_errors=True)
     common = ['--runs-dir', str(R)]
@@ -88,6 +88,8 @@ def main():
             if not (R/f'{X}-moe{k}'/'metrics.json').exists():
                 sd(['merge', '--experts', experts, '--method', 'lora-moe', '--moe-top-k', str(k), '--moe-steps', str(a.moe_steps),
                     '--run-name', f'{X}-moe{k}', *common], env)
+        if not (R/f'{X}-mergekit'/'metrics.json').exists():   # a full Qwen2-MoE (needs the mergekit package)
+            sd(['merge', '--experts', experts, '--method', 'mergekit-moe', '--run-name', f'{X}-mergekit', *common], env)
         sd(['compare', *[str(R/n) for n in names], '--out', str(R/f'{X}-compare')], env)
     reg = regimes(R/X, a.regime_cut)
     rows = [row(R/n, reg) for n in names if (R/n/'metrics.json').exists()]

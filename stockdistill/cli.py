@@ -24,7 +24,7 @@ COMMANDS = {
     'compare': 'compare several runs side by side: one HTML page and a JSON table',
     'backtest': "trade a run's validation predictions under A-share rules (backtest.json); --folds K: walk-forward",
     'experts': "train one expert run per part of --expert-split (e.g. trend vs range windows) beside the run on all windows",
-    'merge': "merge expert adapters (--experts A,B --method linear|cat|ties|dare_ties|dare_linear|magnitude_prune) or mix them (--method lora-moe) into a new run",
+    'merge': "merge expert adapters (--experts A,B --method linear|cat|ties|dare_ties|dare_linear|magnitude_prune) or mix them (--method lora-moe, or mergekit-moe: a full Qwen2-MoE) into a new run",
 }
 _OWN = {  # the flags a command has besides the config's: (flags, argparse keywords)
     'evaluate': [(('--data',), dict(metavar='FILE', help='cleaned JSONL to evaluate on (the seed\'s way); default: the run\'s validation split')),

@@ -21,16 +21,7 @@ from chat_server import ChatServer, label_for, scripted_logprobs  # noqa: E402
 
 SHAPE = dict(vocab_size=512, heads=4, kv_heads=2, max_position_embeddings=1024)
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny models train as fast on one thread, and several threads stall on a busy machine; restored afterwards."
-    import os
-    old, n = os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads()
-    os.environ['OMP_NUM_THREADS'] = '1'; torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    if old is None: os.environ.pop('OMP_NUM_THREADS', None)
-    else: os.environ['OMP_NUM_THREADS'] = old
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 def _write(path, recs):
     path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in recs), encoding='utf-8')

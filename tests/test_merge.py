@@ -10,12 +10,7 @@ from stockdistill.merge import (MERGE_METHODS, MergeSettings, Router, adapter_de
                                 efficiency_ratio)
 from stockdistill.train import _demo_texts, build_tiny_student
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny models run as fast on one thread, and a busy machine stalls several; restored afterwards."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 def _adapter(out, base, r=4, targets=('q_proj', 'v_proj'), seed=0):
     "A saved LoRA adapter with random A and B (a stand-in expert: PEFT's default B = 0 would make every delta zero)."

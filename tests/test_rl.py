@@ -17,15 +17,7 @@ GOOD = json.dumps(dict(prediction='预计短期下跌', analysis='近30日跌幅
 LOOP = json.dumps(dict(prediction='下跌', analysis='下跌' * 30, advice='下跌'), ensure_ascii=False)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    import os
-    old, n = os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads()
-    os.environ['OMP_NUM_THREADS'] = '1'; torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    if old is None: os.environ.pop('OMP_NUM_THREADS', None)
-    else: os.environ['OMP_NUM_THREADS'] = old
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

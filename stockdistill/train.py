@@ -237,13 +237,12 @@ class ProgressCallback:
         self.train, self.eval, self.metrics = [], [], []
 
     def plot(self):
-        import matplotlib; matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        from matplotlib.figure import Figure   # no pyplot: the caller's backend (a notebook's inline one) stays as it is
+        fig = Figure(figsize=(6, 3.5)); ax = fig.subplots()
         if self.train: ax.plot(*zip(*self.train), label='train loss')
         if self.eval: ax.plot(*zip(*self.eval), 'o-', label='validation loss')
         ax.set_xlabel('optimizer step'); ax.set_ylabel('loss (answer tokens)'); ax.legend(); ax.grid(alpha=.3)
-        fig.tight_layout(); fig.savefig(self.png, dpi=90); plt.close(fig)
+        fig.tight_layout(); fig.savefig(self.png, dpi=90)
 
 # %% ../nbs/05_train.ipynb #51814ea4
 def _progress_hooks():

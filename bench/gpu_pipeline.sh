@@ -7,11 +7,7 @@
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_pipeline}; mkdir -p "$out"
-if ls .whlp/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlp/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+source bench/_gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 common="--no-load-in-4bit --embed-model off --overwrite --runs-dir $out/runs"

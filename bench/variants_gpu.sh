@@ -14,11 +14,8 @@ set -u
 cd "$(dirname "$0")/.."
 part=${1:-main}; seeds=${2:-0}
 out=${OUT:-/tmp/variants_out}; R=/tmp/vruns; mkdir -p "$out" "$R"
-if ls .whlp/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlp/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1 OMP_NUM_THREADS=1
+source bench/_gpu_env.sh
+export OMP_NUM_THREADS=1
 if [ -z "${NO_MPS:-}" ] && nvidia-cuda-mps-control -d 2>/dev/null; then   # MPS: kernels of many processes run at once
   if timeout 90 python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then echo "CUDA MPS on"
   else echo quit | nvidia-cuda-mps-control; echo "CUDA MPS failed its check: off"; fi

@@ -65,6 +65,11 @@ def rewrite_future(bars, asof, rng) -> dict:
     return out
 
 
+def window_of(market, i, day):
+    "The stock and date a drawn window stands for: the i-th code, the day-th date of the calendar (clipped to its end)."
+    return market.codes[i], market.calendar[min(day, len(market.calendar) - 1)]
+
+
 windows = st.tuples(st.integers(0, 39), st.integers(20, 1200), st.integers(0, 10**6), st.sampled_from(['D', 'W', 'M']))
 
 
@@ -73,7 +78,7 @@ windows = st.tuples(st.integers(0, 39), st.integers(20, 1200), st.integers(0, 10
 def test_rewritten_future_leaves_context_unchanged(bars, market, w):
     "For random windows, rewriting every bar after the window's end changes no character of either block."
     i, day, seed, rebuild = w
-    code, asof = market.codes[i], market.calendar[min(day, len(market.calendar) - 1)]
+    code, asof = window_of(market, i, day)
     s = GraphSettings(graph_rebuild=rebuild)
     before = searches(market, code, asof, s)
     after = searches(Market(rewrite_future(bars, asof, np.random.default_rng(seed))), code, asof, s)
@@ -87,7 +92,7 @@ def test_rewritten_future_leaves_context_unchanged(bars, market, w):
 def test_removed_future_leaves_context_unchanged(bars, market, w):
     "Cutting the data at the window's end (which shortens the calendar too) changes nothing either."
     i, day, _, rebuild = w
-    code, asof = market.codes[i], market.calendar[min(day, len(market.calendar) - 1)]
+    code, asof = window_of(market, i, day)
     s = GraphSettings(graph_rebuild=rebuild)
     cut = {c: b[b.date <= asof] for c, b in bars.items() if (b.date <= asof).any()}
     if code not in cut: return
@@ -238,7 +243,7 @@ def test_regions_when_stocks_csv_has_them(bars, market):
 def test_region_line_is_computed_from_earlier_bars_only(bars, market, w):
     "The region line's count, breadth and mean equal a by-hand computation on each peer's bars up to the window's end."
     i, day, _, _ = w
-    code, asof = market.codes[i], market.calendar[min(day, len(market.calendar) - 1)]
+    code, asof = window_of(market, i, day)
     try: text = market.local_search(code, asof, GraphSettings(graph_max_tokens=10**6))
     except GraphUnavailable: return
     past = {c: b[b.date <= asof] for c, b in bars.items()}

@@ -74,14 +74,14 @@ def timed(f, repeat:int):
 
 def gpu_suite(model, tok, prompts, a):
     "The GPU figures of issue #20: tokens/s at batch 1 and 64, eager and compiled, agreement, and N answers end to end."
-    sync, out = torch.cuda.synchronize, {}
+    sync, out = (torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)), {}
     def clock(f):
         sync(); t = time.perf_counter(); r = f(); sync(); return r, time.perf_counter() - t
     few = prompts[:a.one_by_one]
     (single, n1), t1 = clock(lambda: one_by_one(model, tok, few, a.max_new_tokens))
     out['one_by_one_tok_s'] = n1/t1
     print(f"one by one (eager, the seed's way): {n1/t1:8.1f} tokens/s ({len(few)} prompts)", flush=True)
-    for compile_ in (False, True):
+    for compile_ in ((True,) if a.skip_eager else (False, True)):
         tag = 'compiled' if compile_ else 'eager'
         for bs, ps in ((1, few), (a.batch_size, prompts[:a.batch_size])):
             stats = {}
@@ -94,6 +94,14 @@ def gpu_suite(model, tok, prompts, a):
             print(f"{tag:8s} batch {bs:3d}: {stats['new_tokens']/t:9.1f} tokens/s (first call {t_first:6.1f} s with compilation; "
                   f"{t:6.2f} s after){'' if bs != 1 else ''}; same greedy answers as one by one: {same}/{min(len(ans), len(single))}",
                   flush=True)
+    if a.profile and torch.cuda.is_available():   # where one compiled batch's time goes, by GPU kernel
+      for bs in (1, a.batch_size):
+        ps = prompts[:bs]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _, t = clock(lambda: generate_answers(model, tok, ps, batch_size=bs, max_new_tokens=a.max_new_tokens, prefill='padded'))
+        ev = prof.key_averages()
+        print(f"compiled batch {bs}: {sum(e.self_device_time_total for e in ev)/1e3:.0f} ms of GPU kernels in {t*1e3:.0f} ms", flush=True)
+        print(ev.table(sort_by='self_device_time_total', row_limit=15, max_name_column_width=90), flush=True)
     many = (prompts*((a.answers + len(prompts) - 1)//len(prompts)))[:a.answers]
     stats = {}
     _, t = clock(lambda: generate_answers(model, tok, many, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
@@ -120,6 +128,8 @@ def main():
     ap.add_argument('--no-compile', action='store_true', help="stop HF generate from compiling decoding (GPU, static cache)")
     ap.add_argument('--one-by-one', type=int, default=8, help='prompts answered one by one in the GPU suite')
     ap.add_argument('--answers', type=int, default=1000, help='answers timed end to end in the GPU suite')
+    ap.add_argument('--skip-eager', action='store_true', help='GPU suite: time only the compiled ways (eager figures are known)')
+    ap.add_argument('--profile', action='store_true', help="GPU suite: print the costliest GPU kernels of one compiled batch")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     prompts = real_prompts(a.prompts, a.window, a.max_tokens)

@@ -16,8 +16,11 @@ depend on their values). The set-ups (`SETUPS` below) are:
 - `anchor`    what a user would reach for: the previous one without checkpointing plus the HF Trainer's own
               `use_liger_kernel=True` (Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy);
 - `new`       the new default (`train_student` on CUDA): checkpointing only if the memory estimate needs it, Liger's
-              RMSNorm/SwiGLU/RoPE, logits only for answer positions (`answer_only_loss`), length-grouped batches;
+              RMSNorm/SwiGLU/RoPE, logits only for answer positions (`answer_only_loss`), length-grouped batches, each
+              LoRA layer as one autograd function (`fuse_lora`);
 - `new-pack`  the same with padding-free packing (one row per batch, restarting positions);
+- `new-unfused` the new default with PEFT's own LoRA forward instead of `LoraLinearFn` (`fuse_lora`);
+- `new-nodrop` the new default with LoRA dropout 0 instead of the seed's 0.05 (what the dropout costs);
 - `qlora-new` the new default on a 4-bit base.
 
 Each set-up runs `--steps` optimizer steps with the same functions `train_student` uses (`load_base`, `add_lora`,
@@ -57,17 +60,20 @@ SHAPES = {
 H200_BF16_PEAK = 989e12
 ANSWER_SHARE = 0.17
 
-SETUPS = {  # name: (4-bit, batch, grad accum, checkpointing ('auto' | bool), liger ('hf' | 'ours' | False), answer-only, pack)
-    'seed': (True, 1, 4, True, False, False, False),
-    'previous': (False, 4, 1, True, False, False, False),
-    'anchor': (False, 4, 1, False, 'hf', False, False),
-    'new': (False, 4, 1, 'auto', 'ours', True, False),
-    'new-pack': (False, 4, 1, 'auto', 'ours', True, True),
-    'qlora-new': (True, 4, 1, 'auto', 'ours', True, False),
-    'new-compile': (False, 4, 1, 'auto', False, True, False),     # the new default with torch.compile instead of Liger
-    'new-b8': (False, 8, 1, 'auto', 'ours', True, False),         # twice the micro-batch (checkpointing if it would not fit)
+SETUPS = {  # name: (4-bit, batch, grad accum, checkpointing ('auto' | bool), liger ('hf' | 'ours' | False), answer-only, pack, fused LoRA)
+    'seed': (True, 1, 4, True, False, False, False, False),
+    'previous': (False, 4, 1, True, False, False, False, False),
+    'anchor': (False, 4, 1, False, 'hf', False, False, False),
+    'new': (False, 4, 1, 'auto', 'ours', True, False, True),
+    'new-unfused': (False, 4, 1, 'auto', 'ours', True, False, False),  # the new default with PEFT's own LoRA forward
+    'new-pack': (False, 4, 1, 'auto', 'ours', True, True, True),
+    'qlora-new': (True, 4, 1, 'auto', 'ours', True, False, True),
+    'new-compile': (False, 4, 1, 'auto', False, True, False, True),    # the new default with torch.compile instead of Liger
+    'new-b8': (False, 8, 1, 'auto', 'ours', True, False, True),        # twice the micro-batch (checkpointing if it would not fit)
+    'new-nodrop': (False, 4, 1, 'auto', 'ours', True, False, True),    # the new default with lora_dropout 0 (what dropout costs)
 }
 EXTRA_ARGS = {'new-compile': dict(torch_compile=True)}   # TrainingArguments beyond the tuple's
+DROPOUT = {'new-nodrop': 0.0}                            # LoRA dropout where it is not the seed's 0.05
 
 def random_model(shape:str, device=None, dtype=None):
     "A randomly initialised Qwen2 model of `shape` (bf16 on GPU, float32 on CPU), built on its device directly."
@@ -116,10 +122,11 @@ def examples(n:int, seq_len:int, vocab:int, seed:int=0) -> list:
     return out
 
 def _collator(pack:bool, answer_only:bool, pad_id:int=0):
-    "A `LabelCollator` over ready token ids (the same batching code as training), without `logits_to_keep` for the HF loss."
+    """A `LabelCollator` over ready token ids (the same batching code as training), without `logits_to_keep` for the HF loss;
+    the new set-ups' padded batches have no attention mask, as `train_student` gives them on CUDA."""
     from stockdistill.train import LabelCollator
     class TokenCollator(LabelCollator):
-        def __init__(self): self.pack, self.pad_id, self.truncated = pack, pad_id, set()
+        def __init__(self): self.pack, self.pad_id, self.truncated, self.mask = pack, pad_id, set(), not answer_only
         def encode(self, e): return e['input_ids'], e['labels']
         def __call__(self, batch):
             out = super().__call__(batch)
@@ -127,19 +134,38 @@ def _collator(pack:bool, answer_only:bool, pad_id:int=0):
             return out
     return TokenCollator()
 
-def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:int=1) -> dict:
+def _profiler_callback():
+    "A `TrainerCallback` class that profiles the third optimizer step and prints its 25 costliest GPU kernels."
+    from transformers import TrainerCallback
+    class Profile(TrainerCallback):
+        def __init__(self, name): self.name, self.prof, self.n = name, None, 0
+        def on_step_begin(self, *a, **k):
+            self.n += 1
+            if self.n == 3:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]); self.prof.__enter__()
+        def on_step_end(self, *a, **k):
+            if self.prof is None or self.n != 3: return
+            torch.cuda.synchronize(); self.prof.__exit__(None, None, None)
+            ev = self.prof.key_averages()
+            total = sum(e.self_device_time_total for e in ev)/1e3
+            print(f"[{self.name}] profile of one step: {total:.0f} ms of GPU kernels", flush=True)
+            print(ev.table(sort_by='self_device_time_total', row_limit=25, max_name_column_width=90), flush=True)
+    return Profile
+
+def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:int=1, profile=()) -> dict:
     "Train `steps` optimizer steps of set-up `name` on `model` (LoRA added here and removed after); the measured figures."
     from transformers import Trainer, TrainerCallback
     from stockdistill.config import DistillConfig
+    Profile = _profiler_callback()
     from stockdistill.train import add_lora, answer_only_loss, needs_checkpointing, train_memory_gib, training_arguments
-    four_bit, batch, accum, ckpt, liger, answer_only, pack = SETUPS[name]
+    four_bit, batch, accum, ckpt, liger, answer_only, pack, fused = SETUPS[name]
     cuda = torch.cuda.is_available()
     if not cuda: liger = False                                 # Liger's kernels are Triton: GPU only
     if ckpt == 'auto': ckpt = needs_checkpointing(model, batch*seq_len, liger=bool(liger)) if cuda else False
     est = train_memory_gib(model, batch*seq_len, ckpt, bool(liger), ANSWER_SHARE if answer_only else 1.0)
     dc = DistillConfig(student='bench', batch_size=batch, grad_accum=accum, max_steps=steps, lr=1e-4, lora_r=8, lora_alpha=32,
-                       lora_dropout=0.05, epochs=1.0, liger=False)
-    peft = add_lora(model, dc.lora_r, dc.lora_alpha, dc.lora_dropout, dc.target_modules, gradient_checkpointing=ckpt)
+                       lora_dropout=DROPOUT.get(name, 0.05), epochs=1.0, liger=False)
+    peft = add_lora(model, dc.lora_r, dc.lora_alpha, dc.lora_dropout, dc.target_modules, gradient_checkpointing=ckpt, fused=fused)
     data = examples(steps*batch*accum*world, seq_len, cfg.vocab_size)   # a list: the sampler reads len(input_ids)
     times = []
     class Clock(TrainerCallback):
@@ -149,6 +175,7 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
         def on_step_end(self, *a, **k):
             if cuda: torch.cuda.synchronize()
             times.append(time.time() - self.t)
+    callbacks = [Clock()] + ([Profile(name)] if name in profile else [])
     if cuda: torch.cuda.reset_peak_memory_stats(); torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as out:
         args = training_arguments(dc, out, save_strategy='no', logging_steps=max(1, steps//2), ddp_find_unused_parameters=False,
@@ -157,7 +184,7 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
                                   cross_entropy=False, fused_linear_cross_entropy=False) if liger else None,
                                   **EXTRA_ARGS.get(name, {}))
         trainer = Trainer(model=peft, args=args, train_dataset=data, data_collator=_collator(pack, answer_only),
-                          callbacks=[Clock()], **(dict(compute_loss_func=answer_only_loss) if answer_only else {}))
+                          callbacks=callbacks, **(dict(compute_loss_func=answer_only_loss) if answer_only else {}))
         t0 = time.time()
         trainer.train()
         wall = time.time() - t0
@@ -172,7 +199,7 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
     hw_flops = (4*(n_matmul - head) + 4*head*(ANSWER_SHARE if answer_only else 1.0) + attn)*tps/world
     peak = torch.cuda.max_memory_allocated()/2**30 if cuda else float('nan')
     res = dict(setup=name, four_bit=four_bit, batch=batch, grad_accum=accum, checkpointing=bool(ckpt), liger=liger,
-               answer_only=answer_only, pack=pack, gpus=world, tokens_per_step=tok_step, step_s=round(step_s, 3),
+               answer_only=answer_only, pack=pack, fused=fused, gpus=world, tokens_per_step=tok_step, step_s=round(step_s, 3),
                tokens_per_s=round(tps, 1), tokens_per_s_per_gpu=round(tps/world, 1), mfu_4N_pct=round(100*model_flops/H200_BF16_PEAK, 2),
                hw_pct=round(100*hw_flops/H200_BF16_PEAK, 2), peak_gpu_gib=round(peak, 2), estimated_gib=round(est, 1),
                wall_s=round(wall, 1), device=torch.cuda.get_device_name() if cuda else 'cpu')
@@ -183,7 +210,7 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
     if cuda: torch.cuda.empty_cache()
     return res, model
 
-def run_group(folder:Path, setups:list, steps:int, seq_len:int) -> list:
+def run_group(folder:Path, setups:list, steps:int, seq_len:int, profile=()) -> list:
     "Load the base once (4-bit or bf16, as the set-ups need) and run `setups` on it in order."
     from transformers import AutoConfig
     from stockdistill.generate import load_base
@@ -197,7 +224,7 @@ def run_group(folder:Path, setups:list, steps:int, seq_len:int) -> list:
     print(f"loaded {folder.name} ({'4-bit' if SETUPS[setups[0]][0] else 'bf16'}) in {time.time() - t0:.0f}s", flush=True)
     out = []
     for name in setups:
-        r, model = run_setup(name, model, cfg, n_matmul, steps, seq_len, state.num_processes)
+        r, model = run_setup(name, model, cfg, n_matmul, steps, seq_len, state.num_processes, profile)
         out.append(r)
         if state.is_main_process:
             print(f"[{name}] {r['tokens_per_s']:.0f} tokens/s ({r['step_s']} s/step of {r['tokens_per_step']} tokens), "
@@ -213,13 +240,14 @@ def main(argv=None):
     p.add_argument('--seq-len', type=int, default=2048, help='the longest example; examples are 80-100 %% of it')
     p.add_argument('--folder', default=None, help='where to save the random model (default: a temporary folder)')
     p.add_argument('--json', default=None, help='also write the results to this file')
+    p.add_argument('--profile', default='', help='comma-separated set-ups whose third step is profiled (GPU kernels table)')
     p.add_argument('--group', default=None, help=argparse.SUPPRESS)   # internal: run one load group in this process
     a = p.parse_args(argv)
     if not torch.cuda.is_available(): torch.set_num_threads(os.cpu_count() or 1)
     setups = [s for s in a.setups.split(',') if s]
     if bad := [s for s in setups if s not in SETUPS]: p.error(f"unknown set-up(s) {bad}: use {', '.join(SETUPS)}")
     if a.group:   # a child process: one base, several set-ups
-        res = run_group(Path(a.folder), setups, a.steps, a.seq_len)
+        res = run_group(Path(a.folder), setups, a.steps, a.seq_len, a.profile.split(','))
         Path(a.json).write_text(json.dumps(res))
         return res
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,14 +260,14 @@ def main(argv=None):
         for g in groups:
             js = Path(tmp)/f"group{len(results)}.json"
             cmd = [sys.executable, __file__, '--group', '1', '--folder', str(folder), '--setups', ','.join(g),
-                   '--steps', str(a.steps), '--seq-len', str(a.seq_len), '--shape', a.shape, '--json', str(js)]
+                   '--steps', str(a.steps), '--seq-len', str(a.seq_len), '--shape', a.shape, '--json', str(js), '--profile', a.profile]
             r = subprocess.run(cmd)
             if r.returncode == 0: results += json.loads(js.read_text())
             else: print(f"set-ups {g} failed (exit {r.returncode})", flush=True)
-    print(f"\n{'set-up':10s} {'tokens/s':>9s} {'MFU 4N':>7s} {'work':>6s} {'peak GiB':>9s} {'est.':>6s}  ckpt liger answer-only pack")
+    print(f"\n{'set-up':10s} {'tokens/s':>9s} {'MFU 4N':>7s} {'work':>6s} {'peak GiB':>9s} {'est.':>6s}  ckpt liger answer-only pack fused")
     for r in results:
         print(f"{r['setup']:10s} {r['tokens_per_s']:9.0f} {r['mfu_4N_pct']:6.1f}% {r['hw_pct']:5.1f}% {r['peak_gpu_gib']:9.1f} "
-              f"{r['estimated_gib']:6.1f}  {str(r['checkpointing']):5s} {str(r['liger']):5s} {str(r['answer_only']):11s} {r['pack']}")
+              f"{r['estimated_gib']:6.1f}  {str(r['checkpointing']):5s} {str(r['liger']):5s} {str(r['answer_only']):11s} {str(r['pack']):5s} {r['fused']}")
     if a.json: Path(a.json).write_text(json.dumps(results, indent=2))
     return results
 

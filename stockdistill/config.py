@@ -93,6 +93,7 @@ class DistillConfig:
     gradient_checkpointing:Optional[bool]=None # recompute activations to save memory; None: when the memory estimate needs it (CUDA), for non-tiny students (CPU)
     pack:Optional[bool]=None        # padding-free batches: examples end to end in one row, positions restarting; None: off (length-grouped padded batches)
     liger:Optional[bool]=None       # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA; None: when liger-kernel is installed
+    fused_lora:Optional[bool]=None  # each LoRA layer's forward and backward as one autograd function (no fp32 copies of activations); None: on CUDA
     out:str='lora_adapter'          # adapter folder, relative to the run folder unless absolute
     # evaluation
     max_new_tokens:int=256          # generation budget per answer

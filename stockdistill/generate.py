@@ -19,7 +19,7 @@ from .rope import scale_rope
 # %% auto #0
 __all__ = ['EMBEDDED_STUDENT', 'PROMPT_FORMATS', 'ANSWER_FNS', 'strip_echo', 'use_4bit', 'fsdp_launch', 'load_base',
            'resolve_base', 'record_base', 'load_student', 'load_model', 'eos_ids', 'cut_at_eos', 'encode_prompts',
-           'prefilled_cache', 'generate_answers', 'answer_fn']
+           'prefilled_cache', 'decode_greedy', 'generate_answers', 'answer_fn']
 
 # %% ../nbs/02b_generate.ipynb #46dcfca6
 def strip_echo(text:str) -> str:
@@ -199,6 +199,59 @@ def prefilled_cache(model,               # a causal LM (PEFT-wrapped or plain)
         cache.update(k, v, l)
     return cache
 
+def _static_cache(model, batch:int, size:int):
+    "A static KV cache of `batch` rows and `size` positions, kept on the model and reset for the next batch of that shape."
+    from transformers import StaticCache
+    held = getattr(model, '_sd_static_cache', None)
+    if held is not None and held[0] == (batch, size):
+        held[1].reset()                      # the same tensors again: a CUDA graph captured on them stays valid
+        return held[1]
+    model._sd_static_cache = None            # let the old cache go before the new one is allocated
+    cache = StaticCache(config=model.config, max_cache_len=size)
+    model._sd_static_cache = ((batch, size), cache)
+    return cache
+
+def _decode_step(model, tok, pos, cache_pos, mask, cache):
+    "One greedy decoding step over a static cache: the next token of every row, `(batch, 1)`."
+    logits = model(input_ids=tok, position_ids=pos, cache_position=cache_pos, attention_mask=mask, use_cache=True,
+                   **{_cache_arg(): cache}).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+@functools.cache
+def _compiled_step():
+    "`_decode_step` compiled once per shape with CUDA graphs (torch.compile's 'reduce-overhead')."
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one entry per shape bucket
+    return torch.compile(_decode_step, mode='reduce-overhead', fullgraph=True, dynamic=False)
+
+def decode_greedy(model,                 # a causal LM (merged or plain; PEFT-wrapped works too)
+                  ids, mask,             # left-padded prompt ids and their attention mask, `(batch, width)`
+                  max_new_tokens:int,    # answer budget
+                  stop:set,              # token ids that end a row
+                  compile:bool=False,    # compile the decoding step with CUDA graphs (CUDA only)
+                  check_every:int=16):   # look for finished rows every this many steps (each look waits for the GPU)
+    "Greedy continuations `(batch, ≤ max_new_tokens)`: one prefill into a static cache, then a decoding loop that never waits for the GPU between checks."
+    B, W = ids.shape
+    cache = _static_cache(model, B, W + max_new_tokens)
+    full = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)    # constant: causality hides the positions not yet written
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cpos = torch.arange(W + max_new_tokens, device=ids.device)
+    logits = model(input_ids=ids, position_ids=pos, cache_position=cpos[:W], attention_mask=full, use_cache=True,
+                   logits_to_keep=1, **{_cache_arg(): cache}).logits
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=ids.device)
+    tok = logits[:, -1].argmax(-1, keepdim=True)    # (B, 1), contiguous: every step gets an input of one layout
+    out[:, :1] = tok
+    step, last = (_compiled_step() if compile else _decode_step), pos[:, -1:]
+    stop_ids, n = torch.tensor(sorted(stop), device=ids.device), max_new_tokens
+    for k in range(1, max_new_tokens):
+        if compile: torch.compiler.cudagraph_mark_step_begin()
+        tok = step(model, tok, last + k, cpos[W+k-1:W+k], full, cache).clone()  # a CUDA graph overwrites its output next time
+        out[:, k:k+1] = tok
+        if k % check_every == 0 and torch.isin(out[:, :k+1], stop_ids).any(1).all():
+            n = k + 1
+            break
+    return out[:, :n]
+
 def _prefill_mode(model, prefill:str, gen_kwargs:dict) -> str:
     "The prefill `generate_answers` uses: `prefill` itself, or for 'auto' 'each' on a CPU and 'padded' elsewhere."
     if prefill not in ('auto', 'each', 'padded'): raise ValueError(f"prefill={prefill!r}: use 'auto', 'each' or 'padded'")
@@ -219,7 +272,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                      merge:bool=False,        # merge a LoRA adapter into the base weights before generating
                      prefill:str='auto',      # 'each' (one prompt at a time into a shared cache), 'padded', or 'auto'
                      prompt_format:str='answer', # 'answer' (training format), 'chat' (chat template) or 'raw'
-                     compile:Optional[bool]=None, # static KV cache in fixed shape buckets + compiled decoding (CUDA); None: on CUDA
+                     compile:Optional[bool]=None, # static KV cache in fixed shape buckets, `decode_greedy` (CUDA graphs on CUDA); None: on CUDA
                      bucket:int=128,          # with `compile`: prompt widths are padded to a multiple of this
                      desc:str='generate',     # progress bar label
                      stats:Optional[dict]=None, # if given, filled with new_tokens, seconds, prompts, prefill, usage per prompt
@@ -229,6 +282,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
     if batch_size < 1: raise ValueError(f"batch_size={batch_size} must be at least 1")
     compiled = (model.device.type == 'cuda') if compile is None else bool(compile)
     mode = 'padded' if compiled else _prefill_mode(model, prefill, gen_kwargs)
+    own_loop = compiled and not do_sample and not gen_kwargs   # greedy: our static-cache loop; else transformers' generate
     if merge and hasattr(model, 'merge_and_unload'): model = model.merge_and_unload()
     model.eval()
     rows = encode_prompts(tokenizer, prompts, prompt_format)
@@ -245,10 +299,12 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
             ids, mask = _pad_left(batch, pad_id, model.device, bucket if compiled else 1)
             cached = mode == 'each' and len(batch) > 1 and ids.shape[1] > 1
             extra = {_cache_arg(): prefilled_cache(model, batch, max_new_tokens)} if cached else {}
-            if compiled: extra['cache_implementation'] = 'static'   # fixed shapes: the decoding step compiles once per bucket
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 pad_token_id=pad_id, eos_token_id=sorted(stop) or None, **extra, **gen_kwargs)
-            for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
+            if own_loop: new_ids = decode_greedy(model, ids, mask, max_new_tokens, stop | {pad_id}, compile=model.device.type == 'cuda')
+            else:
+                if compiled: extra['cache_implementation'] = 'static'   # fixed shapes: the decoding step compiles once per bucket
+                new_ids = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                         pad_token_id=pad_id, eos_token_id=sorted(stop) or None, **extra, **gen_kwargs)[:, ids.shape[1]:]
+            for i, row in zip(idx, new_ids.tolist()):
                 new = cut_at_eos(row, stop | {pad_id})   # generate pads a row that a stopping criterion ended
                 n_new += min(len(new) + 1, len(row))
                 usage[i] = {'prompt_tokens': len(rows[i]), 'completion_tokens': len(new), 'total_tokens': len(rows[i]) + len(new)}

@@ -4,6 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #6f371a22
 from __future__ import annotations
+import functools
 import hashlib
 import json
 import math
@@ -21,9 +22,9 @@ from .generate import EMBEDDED_STUDENT, load_base, use_4bit, record_base
 # %% auto #0
 __all__ = ['TINY_SPECIALS', 'CHAT_TOKENS', 'CHATML_TEMPLATE', 'TINY_SAVE', 'TINY_PRESET', 'TINY_TOKEN_BUDGET', 'TINY_SIZE',
            'LIGER_KERNELS', 'METHODS', 'train_tiny_tokenizer', 'build_tiny_student', 'LabelCollator',
-           'answer_positions', 'answer_only_loss', 'load_labeled', 'add_lora', 'tiny_epochs', 'resolve_training',
-           'ProgressCallback', 'liger_available', 'training_arguments', 'train_memory_gib', 'needs_checkpointing',
-           'training_fingerprint', 'resume_point', 'train_student']
+           'answer_positions', 'answer_only_loss', 'load_labeled', 'add_lora', 'LoraLinearFn', 'fuse_lora',
+           'tiny_epochs', 'resolve_training', 'ProgressCallback', 'liger_available', 'training_arguments',
+           'train_memory_gib', 'needs_checkpointing', 'training_fingerprint', 'resume_point', 'train_student']
 
 # %% ../nbs/05_train.ipynb #c4c8e31a
 TINY_SPECIALS = dict(eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|startoftext|>")
@@ -102,9 +103,10 @@ class LabelCollator:
     "Batch `{prompt, label[, id]}` records into input ids and answer-only labels: padded to the longest, or packed."
     def __init__(self, tokenizer, # the student's tokenizer (needs eos and pad tokens)
                  max_len:int=4096, # longest training sequence; the right end is cut
-                 pack:bool=False):  # one row per batch, examples end to end, positions restarting (padding-free)
+                 pack:bool=False,   # one row per batch, examples end to end, positions restarting (padding-free)
+                 mask:bool=True):   # give padded batches an attention mask; False: none (see below)
         if tokenizer.eos_token_id is None: raise ValueError("the tokenizer has no eos token: a tuned model would never stop")
-        self.tokenizer, self.max_len, self.pack = tokenizer, max_len, pack
+        self.tokenizer, self.max_len, self.pack, self.mask = tokenizer, max_len, pack, mask
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.truncated = set()   # names of examples whose answer was cut partly
 
@@ -156,9 +158,11 @@ def __call__(self:LabelCollator, examples:list[dict]) -> dict:
     n = max(len(ids) for ids, _ in rows)
     pad = lambda xs, v: xs + [v]*(n - len(xs))
     labels = torch.tensor([pad(lab, -100) for _, lab in rows])
-    return dict(input_ids=torch.tensor([pad(ids, self.pad_id) for ids, _ in rows]),
-                attention_mask=torch.tensor([pad([1]*len(ids), 0) for ids, _ in rows]),
-                labels=labels, logits_to_keep=answer_positions(labels))
+    out = dict(input_ids=torch.tensor([pad(ids, self.pad_id) for ids, _ in rows]),
+               attention_mask=torch.tensor([pad([1]*len(ids), 0) for ids, _ in rows]),
+               labels=labels, logits_to_keep=answer_positions(labels))
+    if not self.mask: del out['attention_mask']   # padding is on the right: causal attention never reads it
+    return out
 
 # %% ../nbs/05_train.ipynb #e5a1c011
 def answer_only_loss(outputs,                 # model outputs whose `logits` are those of the kept positions only
@@ -195,7 +199,8 @@ def add_lora(model,                       # base model from `load_base`
              r:int=8, alpha:int=32, dropout:float=0.05, # LoRA rank, scaling and dropout
              target_modules=LORA_TARGETS,
              modules_to_save:Optional[tuple]=None, # whole modules trained and saved with the adapter
-             gradient_checkpointing:bool=True):    # trade compute for memory (on for real students)
+             gradient_checkpointing:bool=True,     # trade compute for memory (on for real students)
+             fused:bool=False):                    # route the LoRA layers through `LoraLinearFn` (see below)
     "Wrap `model` in a trainable LoRA `PeftModel` the way the seed's QLoRA recipe does."
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     model.config.use_cache = False
@@ -207,7 +212,65 @@ def add_lora(model,                       # base model from `load_base`
         model.enable_input_require_grads()
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                       modules_to_save=list(modules_to_save) if modules_to_save else None, task_type='CAUSAL_LM')
-    return get_peft_model(model, lora)
+    peft = get_peft_model(model, lora)
+    if fused: fuse_lora(peft)
+    return peft
+
+# %% ../nbs/05_train.ipynb #ce29896f
+class LoraLinearFn(torch.autograd.Function):
+    "y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ with a frozen W, in one forward and one backward (dropout rate `p`; its mask is kept, not its output)."
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling:float, p:float):
+        shape, x2 = x.shape, x.reshape(-1, x.shape[-1])
+        Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+        xd, keep = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)   # one kernel: output and mask
+        xa = xd @ Ac.t()                                         # (T, r)
+        y = torch.nn.functional.linear(x2, weight, bias)
+        y.addmm_(xa, Bc.t(), alpha=scaling)                      # the LoRA term added inside the GEMM
+        ctx.save_for_backward(x2, weight, Ac, Bc, xa, keep)
+        ctx.scaling, ctx.p, ctx.shape, ctx.dtypes = scaling, p, shape, (A.dtype, B.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, Ac, Bc, xa, keep = ctx.saved_tensors
+        s, dy2 = ctx.scaling, dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+        undrop = (lambda t: t) if keep is None else (lambda t: torch.ops.aten.native_dropout_backward(t, keep, 1/(1 - ctx.p)))
+        dxa = (dy2 @ Bc).mul_(s)                                 # (T, r)
+        dB = (dy2.t() @ xa).mul_(s)
+        dA = dxa.t() @ undrop(x2)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2 @ weight
+            if keep is None: dx.addmm_(dxa, Ac)
+            else: dx.add_(undrop(dxa @ Ac))
+            dx = dx.reshape(ctx.shape)
+        return dx, None, None, dA.to(ctx.dtypes[0]), dB.to(ctx.dtypes[1]), None, None
+
+def _fused_forward(layer, plain, x, *args, **kwargs):
+    "The forward of a PEFT LoRA `Linear` through `LoraLinearFn`, or its own forward where that does not apply."
+    names = layer.active_adapters
+    if (args or kwargs or layer.disable_adapters or layer.merged or len(names) != 1 or names[0] not in layer.lora_A
+            or names[0] in getattr(layer, 'lora_variant', {})):
+        return plain(x, *args, **kwargs)
+    name = names[0]
+    A, B, drop = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_dropout[name]
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0
+    base = layer.base_layer
+    w, b = base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return LoraLinearFn.apply(x.to(dtype), w, b, A, B, layer.scaling[name], p)
+
+def fuse_lora(model) -> int:
+    "Route every LoRA layer of `model` over a plain `nn.Linear` through `LoraLinearFn`; the number of layers routed."
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    n = 0
+    for m in model.modules():
+        if type(m) is LoraLinear and type(m.base_layer) is torch.nn.Linear:
+            m.forward = functools.partial(_fused_forward, m, LoraLinear.forward.__get__(m))
+            n += 1
+    return n
 
 # %% ../nbs/05_train.ipynb #d81201cd
 TINY_PRESET = dict(lr=3e-3, batch_size=8, grad_accum=1, lora_r=32, lora_alpha=64, lora_dropout=0.0, epochs=3.0)
@@ -410,6 +473,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     make = collator or LabelCollator
     pack = bool(cfg.pack)
     kw = dict(pack=pack) if isinstance(make, type) and issubclass(make, LabelCollator) else {}
+    if kw and not pack and trainer_cls is None and torch.cuda.is_available(): kw['mask'] = False   # causal kernel (see LabelCollator)
     coll, eval_coll = make(tokenizer, cfg.max_len, **kw), make(tokenizer, cfg.max_len, **kw)
     lengths = [len(coll.encode(r)[0]) for r in train_ds]      # fails early on an all-cut answer
     lengths_val = [len(eval_coll.encode(r)[0]) for r in val_ds] if val_ds is not None else []
@@ -425,7 +489,8 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     elif torch.cuda.is_available(): gc = needs_checkpointing(model, cfg.batch_size*max(lengths), liger)
     else: gc = cfg.student != 'tiny'
     model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                     modules_to_save=TINY_SAVE if _is_random_tiny(cfg, base) else None, gradient_checkpointing=gc)
+                     modules_to_save=TINY_SAVE if _is_random_tiny(cfg, base) else None, gradient_checkpointing=gc,
+                     fused=torch.cuda.is_available() if cfg.fused_lora is None else bool(cfg.fused_lora))
     train_ds = train_ds.add_column('length', lengths)
     if val_ds is not None: val_ds = val_ds.add_column('length', lengths_val)
     steps_per_epoch = math.ceil(len(train_ds)/(cfg.batch_size*cfg.grad_accum))
@@ -478,6 +543,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
                    epochs_planned=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
                    rope_factor=cfg.rope_factor, rope_type=cfg.rope_type if cfg.rope_factor else None,
                    gradient_checkpointing=gc, pack=pack, liger=liger,
+                   fused_lora=torch.cuda.is_available() if cfg.fused_lora is None else bool(cfg.fused_lora),
                    prompt=_prompt_settings(cfg))
     summary['processes'] = trainer.args.world_size
     if extra_summary is not None: summary.update(extra_summary(trainer))

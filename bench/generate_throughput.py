@@ -19,6 +19,7 @@ with one-by-one ones, and `--answers` evaluation answers of `--max-new-tokens` t
 included. A random model never emits its end-of-sequence token, so every answer has the full budget.
 """
 import argparse
+import inspect
 import statistics
 import tempfile
 import time
@@ -29,7 +30,7 @@ import torch
 from stockdistill.config import bundled_codes
 from stockdistill.data import load_bars
 from stockdistill.prompt import fit_prompt, format_example
-from stockdistill.generate import generate_answers, strip_echo
+from stockdistill.generate import _pad_left, encode_prompts, generate_answers, strip_echo
 from stockdistill.train import build_tiny_student
 
 
@@ -91,9 +92,17 @@ def gpu_suite(model, tok, prompts, a):
             ans, t = clock(run)
             out[f'{tag}_b{bs}_tok_s'] = stats['new_tokens']/t
             same = sum(x == y for x, y in zip(single, ans))
+            if compile_:   # the prefill alone (same padding), to separate decoding speed from reading the prompts
+                ids, mask = _pad_left(encode_prompts(tok, ps), tok.pad_token_id, model.device,
+                                      inspect.signature(generate_answers).parameters['bucket'].default)
+                with torch.inference_mode(): _, tp = clock(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1))
+                out[f'{tag}_b{bs}_decode_tok_s'] = (stats['new_tokens'] - len(ps))/(t - tp)
+                note = (f"         prefill of the batch alone {tp*1e3:.0f} ms ({ids.shape[1]} positions); decoding alone "
+                        f"{out[f'{tag}_b{bs}_decode_tok_s']:.1f} tokens/s")
             print(f"{tag:8s} batch {bs:3d}: {stats['new_tokens']/t:9.1f} tokens/s (first call {t_first:6.1f} s with compilation; "
                   f"{t:6.2f} s after){'' if bs != 1 else ''}; same greedy answers as one by one: {same}/{min(len(ans), len(single))}",
                   flush=True)
+            if compile_: print(note, flush=True)
     if a.profile and torch.cuda.is_available():   # where one compiled batch's time goes, by GPU kernel
       for bs in (1, a.batch_size):
         ps = prompts[:bs]

@@ -273,7 +273,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                      prefill:str='auto',      # 'each' (one prompt at a time into a shared cache), 'padded', or 'auto'
                      prompt_format:str='answer', # 'answer' (training format), 'chat' (chat template) or 'raw'
                      compile:Optional[bool]=None, # static KV cache in fixed shape buckets, `decode_greedy` (CUDA graphs on CUDA); None: on CUDA
-                     bucket:int=128,          # with `compile`: prompt widths are padded to a multiple of this
+                     bucket:int=64,           # with `compile`: prompt widths are padded to a multiple of this
                      desc:str='generate',     # progress bar label
                      stats:Optional[dict]=None, # if given, filled with new_tokens, seconds, prompts, prefill, usage per prompt
                      **gen_kwargs) -> list[str]:

@@ -216,34 +216,41 @@ def add_lora(model,                       # base model from `load_base`
     if fused: fuse_lora(peft)
     return peft
 
-# %% ../nbs/05_train.ipynb #ce29896f
+# %% ../nbs/05_train.ipynb #b6f73013
+def _frozen_weight(base, dtype):
+    "The frozen weight of `base` in `dtype`: an `nn.Linear`'s own, or a bitsandbytes 4-bit layer's dequantized (as its own forward does)."
+    w = base.weight
+    if getattr(w, 'quant_state', None) is not None:
+        import bitsandbytes as bnb
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+    return w.to(dtype)
+
 class LoraLinearFn(torch.autograd.Function):
-    "y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ with a frozen W, in one forward and one backward (dropout rate `p`; its mask is kept, not its output)."
+    "y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ with a frozen W (of `base`), in one forward and one backward (dropout rate `p`)."
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling:float, p:float):
+    def forward(ctx, x, base, bias, A, B, scaling:float, p:float):
         shape, x2 = x.shape, x.reshape(-1, x.shape[-1])
         Ac, Bc = A.to(x.dtype), B.to(x.dtype)
         xd, keep = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)   # one kernel: output and mask
         xa = xd @ Ac.t()                                         # (T, r)
-        y = torch.nn.functional.linear(x2, weight, bias)
+        y = torch.nn.functional.linear(x2, _frozen_weight(base, x.dtype), bias)   # a 4-bit weight is not kept dequantized
         y.addmm_(xa, Bc.t(), alpha=scaling)                      # the LoRA term added inside the GEMM
-        ctx.save_for_backward(x2, weight, Ac, Bc, xa, keep)
-        ctx.scaling, ctx.p, ctx.shape, ctx.dtypes = scaling, p, shape, (A.dtype, B.dtype)
+        ctx.save_for_backward(xd, Ac, Bc, xa, keep)               # xd is x itself without dropout
+        ctx.base, ctx.scaling, ctx.p, ctx.shape, ctx.dtypes = base, scaling, p, shape, (A.dtype, B.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, Ac, Bc, xa, keep = ctx.saved_tensors
-        s, dy2 = ctx.scaling, dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        undrop = (lambda t: t) if keep is None else (lambda t: torch.ops.aten.native_dropout_backward(t, keep, 1/(1 - ctx.p)))
+        xd, Ac, Bc, xa, keep = ctx.saved_tensors
+        s, dy2 = ctx.scaling, dy.reshape(-1, dy.shape[-1]).to(xd.dtype)
         dxa = (dy2 @ Bc).mul_(s)                                 # (T, r)
         dB = (dy2.t() @ xa).mul_(s)
-        dA = dxa.t() @ undrop(x2)
+        dA = dxa.t() @ xd
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dy2 @ weight
+            dx = dy2 @ _frozen_weight(ctx.base, xd.dtype)
             if keep is None: dx.addmm_(dxa, Ac)
-            else: dx.add_(undrop(dxa @ Ac))
+            else: dx.add_(torch.ops.aten.native_dropout_backward(dxa @ Ac, keep, 1/(1 - ctx.p)))
             dx = dx.reshape(ctx.shape)
         return dx, None, None, dA.to(ctx.dtypes[0]), dB.to(ctx.dtypes[1]), None, None
 
@@ -258,17 +265,27 @@ def _fused_forward(layer, plain, x, *args, **kwargs):
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     p = drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0
     base = layer.base_layer
-    w, b = base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)
+    b = None if base.bias is None else base.bias.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return LoraLinearFn.apply(x.to(dtype), w, b, A, B, layer.scaling[name], p)
+        return LoraLinearFn.apply(x.to(dtype), base, b, A, B, layer.scaling[name], p)
+
+def _fusable(base) -> bool:
+    "Whether `LoraLinearFn` can compute over `base`: a plain `nn.Linear` or a bitsandbytes 4-bit linear layer."
+    return type(base) is torch.nn.Linear or type(base).__name__ == 'Linear4bit' and type(base).__module__.startswith('bitsandbytes')
+
+def _lora_classes() -> tuple:
+    "PEFT's LoRA layer classes over a linear layer: the plain one, and the one over a bitsandbytes 4-bit layer where installed."
+    from peft.tuners.lora.layer import Linear
+    try: from peft.tuners.lora.bnb import Linear4bit
+    except ImportError: return (Linear,)
+    return (Linear, Linear4bit)
 
 def fuse_lora(model) -> int:
-    "Route every LoRA layer of `model` over a plain `nn.Linear` through `LoraLinearFn`; the number of layers routed."
-    from peft.tuners.lora.layer import Linear as LoraLinear
-    n = 0
+    "Route every LoRA layer of `model` over a plain or 4-bit linear layer through `LoraLinearFn`; the number of layers routed."
+    n, classes = 0, _lora_classes()
     for m in model.modules():
-        if type(m) is LoraLinear and type(m.base_layer) is torch.nn.Linear:
-            m.forward = functools.partial(_fused_forward, m, LoraLinear.forward.__get__(m))
+        if type(m) in classes and _fusable(m.base_layer):
+            m.forward = functools.partial(_fused_forward, m, type(m).forward.__get__(m))
             n += 1
     return n
 

@@ -73,6 +73,40 @@ def timed(f, repeat:int):
     return out, min(times), statistics.median(times)
 
 
+def fuse_projections(model) -> int:
+    """Experiment (#20): each decoder layer's q/k/v projections as one matrix product and its gate/up projections as
+    one, for decoding at batch 1, where each product is a matrix-vector read of the weights and fewer, larger reads
+    run closer to the memory bandwidth. `q_proj` computes all three and leaves k and v for `k_proj`/`v_proj`, which
+    Qwen2's attention calls right after it with the same input; the MLP's forward is replaced. Weights are copied
+    (bf16, ~the model's size again in the fused layers; the originals are freed). Returns the layers fused."""
+    import torch.nn.functional as F
+    class Stash(torch.nn.Module):
+        def __init__(self, weight, bias, sizes):
+            super().__init__(); self.weight, self.bias, self.sizes, self.kv = torch.nn.Parameter(weight, False), bias, sizes, None
+    class Q(torch.nn.Module):
+        def __init__(self, stash): super().__init__(); self.stash = stash
+        def forward(self, x):
+            q, k, v = F.linear(x, self.stash.weight, self.stash.bias).split(self.stash.sizes, -1)
+            self.stash.kv = (k, v)
+            return q
+    class KV(torch.nn.Module):
+        def __init__(self, stash, i): super().__init__(); self.stash, self.i = stash, i
+        def forward(self, x): return self.stash.kv[self.i]
+    n = 0
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        ps = (a.q_proj, a.k_proj, a.v_proj)
+        bias = None if ps[0].bias is None else torch.nn.Parameter(torch.cat([p.bias for p in ps]), False)
+        stash = Stash(torch.cat([p.weight for p in ps]), bias, [p.out_features for p in ps])
+        a.q_proj, a.k_proj, a.v_proj = Q(stash), KV(stash, 0), KV(stash, 1)
+        gate_up, inter = torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.gate_proj.out_features
+        del m.gate_proj, m.up_proj
+        m.gate_up = torch.nn.Parameter(gate_up, False)
+        m.forward = (lambda m, inter: lambda x: m.down_proj(m.act_fn((gu := F.linear(x, m.gate_up))[..., :inter]) * gu[..., inter:]))(m, inter)
+        n += 1
+    return n
+
+
 def gpu_suite(model, tok, prompts, a):
     "The GPU figures of issue #20: tokens/s at batch 1 and 64, eager and compiled, agreement, and N answers end to end."
     sync, out = (torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)), {}
@@ -82,9 +116,13 @@ def gpu_suite(model, tok, prompts, a):
     (single, n1), t1 = clock(lambda: one_by_one(model, tok, few, a.max_new_tokens))
     out['one_by_one_tok_s'] = n1/t1
     print(f"one by one (eager, the seed's way): {n1/t1:8.1f} tokens/s ({len(few)} prompts)", flush=True)
-    for compile_ in ((True,) if a.skip_eager else (False, True)):
-        tag = 'compiled' if compile_ else 'eager'
-        for bs, ps in ((1, few), (a.batch_size, prompts[:a.batch_size])):
+    ways = [(False, 'eager', 2), (True, 'compiled', 2)][1 if a.skip_eager else 0:]
+    if a.fuse_proj: ways.append((True, 'fused', 1))      # last: it changes the model (after the N-answers run below)
+    for compile_, tag, n_bs in ways:
+        if tag == 'fused':
+            many_answers(model, tok, prompts, a, clock, out)
+            print(f"fused projections in {fuse_projections(model)} layers", flush=True)
+        for bs, ps in ((1, few), (a.batch_size, prompts[:a.batch_size]))[:n_bs]:
             stats = {}
             run = lambda: generate_answers(model, tok, ps, batch_size=bs, max_new_tokens=a.max_new_tokens, compile=compile_,
                                            prefill='padded', stats=stats)
@@ -111,6 +149,12 @@ def gpu_suite(model, tok, prompts, a):
         ev = prof.key_averages()
         print(f"compiled batch {bs}: {sum(e.self_device_time_total for e in ev)/1e3:.0f} ms of GPU kernels in {t*1e3:.0f} ms", flush=True)
         print(ev.table(sort_by='self_device_time_total', row_limit=15, max_name_column_width=90), flush=True)
+    if not a.fuse_proj: many_answers(model, tok, prompts, a, clock, out)
+    return out
+
+
+def many_answers(model, tok, prompts, a, clock, out):
+    "`a.answers` evaluation answers of `a.max_new_tokens` tokens in batches of `a.batch_size`, timed end to end."
     many = (prompts*((a.answers + len(prompts) - 1)//len(prompts)))[:a.answers]
     stats = {}
     _, t = clock(lambda: generate_answers(model, tok, many, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
@@ -118,7 +162,6 @@ def gpu_suite(model, tok, prompts, a):
     out['answers_s'] = t
     print(f"{a.answers} answers of {a.max_new_tokens} tokens, batch {a.batch_size}, compiled (warm buckets): {t:.1f} s, "
           f"{stats['new_tokens']/t:.0f} tokens/s", flush=True)
-    return out
 
 
 def main():
@@ -137,6 +180,7 @@ def main():
     ap.add_argument('--no-compile', action='store_true', help="stop HF generate from compiling decoding (GPU, static cache)")
     ap.add_argument('--one-by-one', type=int, default=8, help='prompts answered one by one in the GPU suite')
     ap.add_argument('--answers', type=int, default=1000, help='answers timed end to end in the GPU suite')
+    ap.add_argument('--fuse-proj', action='store_true', help='GPU suite: also batch 1 with fused q/k/v and gate/up projections (an experiment)')
     ap.add_argument('--skip-eager', action='store_true', help='GPU suite: time only the compiled ways (eager figures are known)')
     ap.add_argument('--profile', action='store_true', help="GPU suite: print the costliest GPU kernels of one compiled batch")
     a = ap.parse_args()

@@ -216,7 +216,7 @@ def add_lora(model,                       # base model from `load_base`
     if fused: fuse_lora(peft)
     return peft
 
-# %% ../nbs/05_train.ipynb #b6f73013
+# %% ../nbs/05_train.ipynb #9343c02f
 def _frozen_weight(base, dtype):
     "The frozen weight of `base` in `dtype`: an `nn.Linear`'s own, or a bitsandbytes 4-bit layer's dequantized (as its own forward does)."
     w = base.weight

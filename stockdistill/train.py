@@ -213,10 +213,10 @@ def add_lora(model,                       # base model from `load_base`
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                       modules_to_save=list(modules_to_save) if modules_to_save else None, task_type='CAUSAL_LM')
     peft = get_peft_model(model, lora)
-    if fused: fuse_lora(peft)
+    peft.fused_lora_layers = fuse_lora(peft) if fused else 0
     return peft
 
-# %% ../nbs/05_train.ipynb #9343c02f
+# %% ../nbs/05_train.ipynb #e848b6dd
 def _frozen_weight(base, dtype):
     "The frozen weight of `base` in `dtype`: an `nn.Linear`'s own, or a bitsandbytes 4-bit layer's dequantized (as its own forward does)."
     w = base.weight
@@ -560,7 +560,7 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
                    epochs_planned=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
                    rope_factor=cfg.rope_factor, rope_type=cfg.rope_type if cfg.rope_factor else None,
                    gradient_checkpointing=gc, pack=pack, liger=liger,
-                   fused_lora=torch.cuda.is_available() if cfg.fused_lora is None else bool(cfg.fused_lora),
+                   fused_lora=model.fused_lora_layers,
                    prompt=_prompt_settings(cfg))
     summary['processes'] = trainer.args.world_size
     if extra_summary is not None: summary.update(extra_summary(trainer))

@@ -8,7 +8,8 @@ import torch
 from stockdistill.config import DistillConfig
 from stockdistill.train import LabelCollator, _demo_texts, train_student, train_tiny_tokenizer, build_tiny_student, TINY_PRESET
 from stockdistill.prompt import ANSWER_MARK, format_example
-from stockdistill.generate import load_base, load_student
+from stockdistill.generate import EMBEDDED_STUDENT, load_base, load_student
+from stockdistill.config import LORA_TARGETS
 from stockdistill.rope import scale_rope
 
 @pytest.fixture(scope='module')
@@ -135,3 +136,20 @@ def test_rope_factor(tmp_path, records):
     for bad in (1, 0.5):
         with pytest.raises(ValueError, match='must be > 1'): DistillConfig(rope_factor=bad)
         with pytest.raises(ValueError, match='must be > 1'): scale_rope(m.config, bad)
+
+def test_fused_lora_trains_like_peft(tmp_path, records):
+    "`fused_lora` (the CUDA default, forced here on the CPU) takes the same steps as PEFT's own LoRA forward, 4-bit base too."
+    train = _write(tmp_path/'train.jsonl', records[:8])
+    runs = {f: train_student(DistillConfig(run_name=f'f{f}', runs_dir=str(tmp_path), max_steps=4, lr=3e-3, batch_size=2, seed=0,
+                                           lora_dropout=0.1, fused_lora=f), train) for f in (False, True)}
+    layers = json.loads((EMBEDDED_STUDENT/'config.json').read_text())['num_hidden_layers']
+    assert (runs[True]['fused_lora'], runs[False]['fused_lora']) == (layers*len(LORA_TARGETS), 0)   # every LoRA layer routed
+    plain, fused = ([l for _, l in runs[f]['losses']] for f in (False, True))
+    assert len(plain) == len(fused) >= 2 and plain != [plain[0]]*len(plain)
+    assert fused == pytest.approx(plain, rel=1e-4)                     # same dropout masks, same arithmetic up to rounding
+    base = tmp_path/'base'
+    build_tiny_student([r['prompt'] for r in records] + [r['label'] for r in records], base, hidden_size=64, intermediate_size=128)
+    q = {f: train_student(DistillConfig(run_name=f'q{f}', runs_dir=str(tmp_path), student=str(base), load_in_4bit=True, max_steps=2,
+                                        lr=1e-3, batch_size=2, seed=0, fused_lora=f), train) for f in (False, True)}
+    assert q[True]['fused_lora'] > 0 and q[True]['load_in_4bit']
+    assert [l for _, l in q[True]['losses']] == pytest.approx([l for _, l in q[False]['losses']], rel=1e-4)

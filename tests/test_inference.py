@@ -241,3 +241,12 @@ def test_bucketed_static_cache_gives_the_same_answers(tiny):
     stats = {}
     bucketed = generate_answers(model, tok, prompts, batch_size=4, max_new_tokens=8, compile=True, bucket=64, stats=stats)
     assert bucketed == eager and stats['compiled'] and stats['prefill'] == 'padded'
+
+
+def test_one_static_cache_serves_every_batch_of_its_shape(tiny):
+    "Batches of one shape reuse one static cache (a CUDA graph needs the same tensors): it is reset, not carried over."
+    model, tok, prompts, _ = tiny
+    eager = generate_answers(model, tok, prompts, batch_size=2, max_new_tokens=8, prefill='padded', compile=False)
+    one_shape = generate_answers(model, tok, prompts, batch_size=2, max_new_tokens=8, compile=True, bucket=1024)
+    assert model._sd_static_cache[0] == (2, 1024 + 8)            # all three batches had this shape
+    assert one_shape == eager

@@ -235,22 +235,23 @@ class LoraLinearFn(torch.autograd.Function):
         xa = xd @ Ac.t()                                         # (T, r)
         y = torch.nn.functional.linear(x2, _frozen_weight(base, x.dtype), bias)   # a 4-bit weight is not kept dequantized
         y.addmm_(xa, Bc.t(), alpha=scaling)                      # the LoRA term added inside the GEMM
-        ctx.save_for_backward(xd, Ac, Bc, xa, keep)               # xd is x itself without dropout
+        ctx.save_for_backward(x2, Ac, Bc, xa, keep)               # the mask, not the dropped-out copy (recomputed)
         ctx.base, ctx.scaling, ctx.p, ctx.shape, ctx.dtypes = base, scaling, p, shape, (A.dtype, B.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        xd, Ac, Bc, xa, keep = ctx.saved_tensors
-        s, dy2 = ctx.scaling, dy.reshape(-1, dy.shape[-1]).to(xd.dtype)
+        x2, Ac, Bc, xa, keep = ctx.saved_tensors
+        s, dy2 = ctx.scaling, dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+        drop = (lambda t: t) if keep is None else (lambda t: torch.ops.aten.native_dropout_backward(t, keep, 1/(1 - ctx.p)))
         dxa = (dy2 @ Bc).mul_(s)                                 # (T, r)
         dB = (dy2.t() @ xa).mul_(s)
-        dA = dxa.t() @ xd
+        dA = dxa.t() @ drop(x2)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dy2 @ _frozen_weight(ctx.base, xd.dtype)
+            dx = dy2 @ _frozen_weight(ctx.base, x2.dtype)
             if keep is None: dx.addmm_(dxa, Ac)
-            else: dx.add_(torch.ops.aten.native_dropout_backward(dxa @ Ac, keep, 1/(1 - ctx.p)))
+            else: dx.add_(drop(dxa @ Ac))
             dx = dx.reshape(ctx.shape)
         return dx, None, None, dA.to(ctx.dtypes[0]), dB.to(ctx.dtypes[1]), None, None
 

@@ -134,21 +134,21 @@ def gpu_suite(model, tok, prompts, a):
                 ids, mask = _pad_left(encode_prompts(tok, ps), tok.pad_token_id, model.device,
                                       inspect.signature(generate_answers).parameters['bucket'].default)
                 with torch.inference_mode(): _, tp = clock(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1))
-                out[f'{tag}_b{bs}_decode_tok_s'] = (stats['new_tokens'] - len(ps))/(t - tp)
+                decoded = stats['new_tokens'] - len(ps)           # tokens after each row's first (which the prefill gives)
+                out[f'{tag}_b{bs}_decode_tok_s'] = decoded/(t - tp) if decoded > 0 and t > tp else None
                 note = (f"         prefill of the batch alone {tp*1e3:.0f} ms ({ids.shape[1]} positions); decoding alone "
-                        f"{out[f'{tag}_b{bs}_decode_tok_s']:.1f} tokens/s")
+                        + (f"{out[f'{tag}_b{bs}_decode_tok_s']:.1f} tokens/s" if decoded > 0 and t > tp else "not measurable (every row stopped at once)"))
             print(f"{tag:8s} batch {bs:3d}: {stats['new_tokens']/t:9.1f} tokens/s (first call {t_first:6.1f} s with compilation; "
-                  f"{t:6.2f} s after){'' if bs != 1 else ''}; same greedy answers as one by one: {same}/{min(len(ans), len(single))}",
+                  f"{t:6.2f} s after); same greedy answers as one by one: {same}/{min(len(ans), len(single))}",
                   flush=True)
             if compile_: print(note, flush=True)
     if a.profile and torch.cuda.is_available():   # where one compiled batch's time goes, by GPU kernel
+      from train_throughput import print_kernels
       for bs in (1, a.batch_size):
         ps = prompts[:bs]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             _, t = clock(lambda: generate_answers(model, tok, ps, batch_size=bs, max_new_tokens=a.max_new_tokens, prefill='padded'))
-        ev = prof.key_averages()
-        print(f"compiled batch {bs}: {sum(e.self_device_time_total for e in ev)/1e3:.0f} ms of GPU kernels in {t*1e3:.0f} ms", flush=True)
-        print(ev.table(sort_by='self_device_time_total', row_limit=15, max_name_column_width=90), flush=True)
+        print_kernels(prof, f"compiled batch {bs}, {t*1e3:.0f} ms:", 15)
     if not a.fuse_proj: many_answers(model, tok, prompts, a, clock, out)
     return out
 

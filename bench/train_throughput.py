@@ -146,11 +146,14 @@ def _profiler_callback():
         def on_step_end(self, *a, **k):
             if self.prof is None or self.n != 3: return
             torch.cuda.synchronize(); self.prof.__exit__(None, None, None)
-            ev = self.prof.key_averages()
-            total = sum(e.self_device_time_total for e in ev)/1e3
-            print(f"[{self.name}] profile of one step: {total:.0f} ms of GPU kernels", flush=True)
-            print(ev.table(sort_by='self_device_time_total', row_limit=25, max_name_column_width=90), flush=True)
+            print_kernels(self.prof, f"[{self.name}] profile of one step:", 25)
     return Profile
+
+def print_kernels(prof, label:str, rows:int):
+    "Print `label`, the GPU kernel time a finished `torch.profiler.profile` recorded, and its `rows` costliest kernels."
+    ev = prof.key_averages()
+    print(f"{label} {sum(e.self_device_time_total for e in ev)/1e3:.0f} ms of GPU kernels", flush=True)
+    print(ev.table(sort_by='self_device_time_total', row_limit=rows, max_name_column_width=90), flush=True)
 
 def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:int=1, profile=()) -> dict:
     "Train `steps` optimizer steps of set-up `name` on `model` (LoRA added here and removed after); the measured figures."

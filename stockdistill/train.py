@@ -490,8 +490,9 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     make = collator or LabelCollator
     pack = bool(cfg.pack)
-    kw = dict(pack=pack) if isinstance(make, type) and issubclass(make, LabelCollator) else {}
-    if kw and not pack and trainer_cls is None and torch.cuda.is_available(): kw['mask'] = False   # causal kernel (see LabelCollator)
+    ours = isinstance(make, type) and issubclass(make, LabelCollator)
+    # on CUDA our own SFT loss reads padded batches without a mask, for the causal attention kernel (see LabelCollator)
+    kw = dict(pack=pack, mask=pack or trainer_cls is not None or not torch.cuda.is_available()) if ours else {}
     coll, eval_coll = make(tokenizer, cfg.max_len, **kw), make(tokenizer, cfg.max_len, **kw)
     lengths = [len(coll.encode(r)[0]) for r in train_ds]      # fails early on an all-cut answer
     lengths_val = [len(eval_coll.encode(r)[0]) for r in val_ds] if val_ds is not None else []

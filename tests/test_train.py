@@ -5,11 +5,10 @@ import sys
 import textwrap
 import pytest
 import torch
-from stockdistill.config import DistillConfig
+from stockdistill.config import DistillConfig, LORA_TARGETS
 from stockdistill.train import LabelCollator, _demo_texts, train_student, train_tiny_tokenizer, build_tiny_student, TINY_PRESET
 from stockdistill.prompt import ANSWER_MARK, format_example
 from stockdistill.generate import EMBEDDED_STUDENT, load_base, load_student
-from stockdistill.config import LORA_TARGETS
 from stockdistill.rope import scale_rope
 
 @pytest.fixture(scope='module')

@@ -19,7 +19,6 @@ with one-by-one ones, and `--answers` evaluation answers of `--max-new-tokens` t
 included. A random model never emits its end-of-sequence token, so every answer has the full budget.
 """
 import argparse
-import inspect
 import statistics
 import tempfile
 import time
@@ -126,13 +125,13 @@ def gpu_suite(model, tok, prompts, a):
             stats = {}
             run = lambda: generate_answers(model, tok, ps, batch_size=bs, max_new_tokens=a.max_new_tokens, compile=compile_,
                                            prefill='padded', stats=stats)
-            _, t_first = clock(run)                  # the first call compiles (once per shape bucket)
+            _, t_first = clock(run)                  # the first call compiles (once per run shape)
             ans, t = clock(run)
             out[f'{tag}_b{bs}_tok_s'] = stats['new_tokens']/t
             same = sum(x == y for x, y in zip(single, ans))
-            if compile_:   # the prefill alone (same padding), to separate decoding speed from reading the prompts
-                ids, mask = _pad_left(encode_prompts(tok, ps), tok.pad_token_id, model.device,
-                                      inspect.signature(generate_answers).parameters['bucket'].default)
+            if compile_:   # the prefill alone (same padding: greedy batches are as wide as their longest prompt), to
+                           # separate decoding speed from reading the prompts
+                ids, mask = _pad_left(encode_prompts(tok, ps), tok.pad_token_id, model.device)
                 with torch.inference_mode(): _, tp = clock(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1))
                 decoded = stats['new_tokens'] - len(ps)           # tokens after each row's first (which the prefill gives)
                 out[f'{tag}_b{bs}_decode_tok_s'] = decoded/(t - tp) if decoded > 0 and t > tp else None

@@ -3,6 +3,8 @@
 # then a randomly initialised student folder of Qwen1.5-7B's layer shape (hidden 4096, 32 layers, MLP 11008) on the
 # embedded tokenizer, a few steps; the stage times of both from metrics.json.
 #   bash bench/gpu_pipeline.sh          (on the GPU machine; wheels it lacks in .whlp/, see README "GPUs")
+# Between the two, bench/answer_agreement.py compares the tuned student's compiled batched answers with one-by-one eager
+# ones (SKIP_AGREEMENT=1 leaves it out).
 # Bitsandbytes is not carried (QLoRA off: bf16 LoRA), nor plotly (report without figures) nor MiniLM (--embed-model off).
 set -u
 cd "$(dirname "$0")/.."
@@ -17,6 +19,9 @@ t0=$(date +%s)
 timeout 240 python3 -m stockdistill.distill --run-name gpu-tiny $(make -s run-flags | sed 's/--overwrite//') $common 2>&1 \
   | tee "$out/gpu-tiny.log" | grep -E "^\[|stage times|fine-tuning|error" | quiet
 echo "quick start wall: $(( $(date +%s) - t0 )) s"
+# 1b. its validation answers, compiled and batched (the default on CUDA) against one by one and eager (the seed's way)
+[ -n "${SKIP_AGREEMENT:-}" ] || timeout 240 python3 bench/answer_agreement.py "$out/runs/gpu-tiny" --json "$out/agreement.json" 2>&1 \
+  | tr '\r' '\n' | quiet | grep -vE "^(one by one|batched), .*:.*\|" | tee "$out/agreement.log"
 # 2. a random student of Qwen1.5-7B's layer shape, a few steps
 t1=$(date +%s)
 python3 - <<'PY'

@@ -229,13 +229,16 @@ def decode_greedy(model,                 # a causal LM (merged or plain; PEFT-wr
                   max_new_tokens:int,    # answer budget
                   stop:set,              # token ids that end a row
                   compile:bool=False,    # compile the decoding step with CUDA graphs (CUDA only)
-                  check_every:int=16):   # look for finished rows every this many steps (each look waits for the GPU)
+                  check_every:int=16,    # look for finished rows every this many steps (each look waits for the GPU)
+                  cache_len:Optional[int]=None): # static cache positions (≥ width + max_new_tokens; None: exactly that)
     "Greedy continuations `(batch, ≤ max_new_tokens)`: one prefill into a static cache, then a decoding loop that never waits for the GPU between checks."
     B, W = ids.shape
-    cache = _static_cache(model, B, W + max_new_tokens)
-    full = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)    # constant: causality hides the positions not yet written
+    S = W + max_new_tokens if cache_len is None else cache_len
+    if S < W + max_new_tokens: raise ValueError(f"cache_len={S} cannot hold a prompt of {W} tokens and {max_new_tokens} new ones")
+    cache = _static_cache(model, B, S)    # the compiled step depends on (B, S) only, not on the prompt width W
+    full = torch.cat([mask, mask.new_ones(B, S - W)], 1)    # constant: causality hides the positions not yet written
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cpos = torch.arange(W + max_new_tokens, device=ids.device)
+    cpos = torch.arange(S, device=ids.device)
     logits = model(input_ids=ids, position_ids=pos, cache_position=cpos[:W], attention_mask=full, use_cache=True,
                    logits_to_keep=1, **{_cache_arg(): cache}).logits
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=ids.device)
@@ -273,7 +276,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                      prefill:str='auto',      # 'each' (one prompt at a time into a shared cache), 'padded', or 'auto'
                      prompt_format:str='answer', # 'answer' (training format), 'chat' (chat template) or 'raw'
                      compile:Optional[bool]=None, # static KV cache in fixed shape buckets, `decode_greedy` (CUDA graphs on CUDA); None: on CUDA
-                     bucket:int=64,           # with `compile`: prompt widths are padded to a multiple of this
+                     bucket:int=64,           # with `compile`: widths (greedy: the cache's) are padded to a multiple of this
                      desc:str='generate',     # progress bar label
                      stats:Optional[dict]=None, # if given, filled with new_tokens, seconds, prompts, prefill, usage per prompt
                      **gen_kwargs) -> list[str]:
@@ -291,15 +294,17 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
     if pad_id is None: raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     stop = eos_ids(model, tokenizer)
     answers, usage, n_new, t0 = [None]*len(rows), [None]*len(rows), 0, time.perf_counter()
+    cache_len = -(-max(map(len, rows), default=1)//bucket)*bucket + max_new_tokens   # one cache shape, one compiled graph per run
     with torch.inference_mode(), tqdm(total=len(rows), desc=desc, leave=False) as bar:
         for b in range(0, len(order), batch_size):
             idx = order[b:b+batch_size]
             batch = [rows[i] for i in idx]
             if compiled: batch = batch + [batch[0]]*(batch_size - len(batch)) if len(order) > batch_size else batch
-            ids, mask = _pad_left(batch, pad_id, model.device, bucket if compiled else 1)
+            ids, mask = _pad_left(batch, pad_id, model.device, bucket if compiled and not own_loop else 1)
             cached = mode == 'each' and len(batch) > 1 and ids.shape[1] > 1
             extra = {_cache_arg(): prefilled_cache(model, batch, max_new_tokens)} if cached else {}
-            if own_loop: new_ids = decode_greedy(model, ids, mask, max_new_tokens, stop | {pad_id}, compile=model.device.type == 'cuda')
+            if own_loop: new_ids = decode_greedy(model, ids, mask, max_new_tokens, stop | {pad_id}, compile=model.device.type == 'cuda',
+                                                 cache_len=cache_len)
             else:
                 if compiled: extra['cache_implementation'] = 'static'   # fixed shapes: the decoding step compiles once per bucket
                 new_ids = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,

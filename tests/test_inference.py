@@ -243,10 +243,17 @@ def test_bucketed_static_cache_gives_the_same_answers(tiny):
     assert bucketed == eager and stats['compiled'] and stats['prefill'] == 'padded'
 
 
-def test_one_static_cache_serves_every_batch_of_its_shape(tiny):
-    "Batches of one shape reuse one static cache (a CUDA graph needs the same tensors): it is reset, not carried over."
+def test_one_static_cache_serves_every_batch_of_a_run(tiny, monkeypatch):
+    """Every batch of a run, whatever its prompts' width, decodes over one static cache shape (so one CUDA graph):
+    the cache is reset between batches, not carried over, and the answers are the eager ones."""
+    import stockdistill.generate as g
     model, tok, prompts, _ = tiny
-    eager = generate_answers(model, tok, prompts, batch_size=2, max_new_tokens=8, prefill='padded', compile=False)
-    one_shape = generate_answers(model, tok, prompts, batch_size=2, max_new_tokens=8, compile=True, bucket=1024)
-    assert model._sd_static_cache[0] == (2, 1024 + 8)            # all three batches had this shape
+    mixed = prompts                                               # windows of 2 to 14 days: widths far apart
+    widths = [len(r) for r in g.encode_prompts(tok, mixed)]
+    eager = generate_answers(model, tok, mixed, batch_size=2, max_new_tokens=8, prefill='padded', compile=False)
+    seen, real = [], g._static_cache
+    monkeypatch.setattr(g, '_static_cache', lambda m, b, s: seen.append((b, s)) or real(m, b, s))
+    one_shape = generate_answers(model, tok, mixed, batch_size=2, max_new_tokens=8, compile=True, bucket=16)
+    assert len(seen) == -(-len(mixed)//2) and set(seen) == {(2, -(-max(widths)//16)*16 + 8)}
+    assert max(widths) - min(widths) > 16                         # the batches' own prompt widths did differ
     assert one_shape == eager

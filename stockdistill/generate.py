@@ -266,6 +266,10 @@ def _prefill_mode(model, prefill:str, gen_kwargs:dict) -> str:
     if prefill == 'auto': return 'each' if model.device.type == 'cpu' and not (sliding or beams) else 'padded'
     return prefill
 
+def _graphs_pay(device:str, compile:Optional[bool], steps:int, min_steps:int) -> bool:
+    "Whether to compile decoding with CUDA graphs: on CUDA when asked (`compile=True`), or by default for runs of `min_steps` steps or more."
+    return device == 'cuda' and (compile is True or compile is None and steps >= min_steps)
+
 def generate_answers(model,                   # a causal LM (PEFT-wrapped or plain)
                      tokenizer,               # its tokenizer
                      prompts:Sequence[str],   # prompts without the answer marker
@@ -277,6 +281,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                      prompt_format:str='answer', # 'answer' (training format), 'chat' (chat template) or 'raw'
                      compile:Optional[bool]=None, # static KV cache in fixed shape buckets, `decode_greedy` (CUDA graphs on CUDA); None: on CUDA
                      bucket:int=64,           # with `compile`: widths (greedy: the cache's) are padded to a multiple of this
+                     graph_min_steps:int=1024, # compile=None on CUDA: CUDA graphs only for runs of at least this many decoding steps
                      desc:str='generate',     # progress bar label
                      stats:Optional[dict]=None, # if given, filled with new_tokens, seconds, prompts, prefill, usage per prompt
                      **gen_kwargs) -> list[str]:
@@ -295,6 +300,8 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
     stop = eos_ids(model, tokenizer)
     answers, usage, n_new, t0 = [None]*len(rows), [None]*len(rows), 0, time.perf_counter()
     cache_len = -(-max(map(len, rows), default=1)//bucket)*bucket + max_new_tokens   # one cache shape, one compiled graph per run
+    steps = -(-len(rows)//batch_size) * max_new_tokens       # decoding steps of the run (at most)
+    graphs = compiled and _graphs_pay(model.device.type, compile, steps, graph_min_steps)
     with torch.inference_mode(), tqdm(total=len(rows), desc=desc, leave=False) as bar:
         for b in range(0, len(order), batch_size):
             idx = order[b:b+batch_size]
@@ -303,10 +310,10 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
             ids, mask = _pad_left(batch, pad_id, model.device, bucket if compiled and not own_loop else 1)
             cached = mode == 'each' and len(batch) > 1 and ids.shape[1] > 1
             extra = {_cache_arg(): prefilled_cache(model, batch, max_new_tokens)} if cached else {}
-            if own_loop: new_ids = decode_greedy(model, ids, mask, max_new_tokens, stop | {pad_id}, compile=model.device.type == 'cuda',
-                                                 cache_len=cache_len)
+            if own_loop: new_ids = decode_greedy(model, ids, mask, max_new_tokens, stop | {pad_id}, compile=graphs, cache_len=cache_len)
             else:
-                if compiled: extra['cache_implementation'] = 'static'   # fixed shapes: the decoding step compiles once per bucket
+                if graphs or compiled and model.device.type != 'cuda':   # fixed shapes: generate compiles once per bucket
+                    extra['cache_implementation'] = 'static'
                 new_ids = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                          pad_token_id=pad_id, eos_token_id=sorted(stop) or None, **extra, **gen_kwargs)[:, ids.shape[1]:]
             for i, row in zip(idx, new_ids.tolist()):
@@ -315,7 +322,8 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                 usage[i] = {'prompt_tokens': len(rows[i]), 'completion_tokens': len(new), 'total_tokens': len(rows[i]) + len(new)}
                 answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
             bar.update(len(idx))
-    if stats is not None: stats.update(prompts=len(rows), new_tokens=n_new, seconds=time.perf_counter() - t0, prefill=mode, usage=usage, compiled=compiled)
+    if stats is not None: stats.update(prompts=len(rows), new_tokens=n_new, seconds=time.perf_counter() - t0, prefill=mode, usage=usage, compiled=compiled,
+                                cuda_graphs=graphs)
     return answers
 
 # %% ../nbs/02b_generate.ipynb #2cdf13e3

@@ -279,7 +279,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                      merge:bool=False,        # merge a LoRA adapter into the base weights before generating
                      prefill:str='auto',      # 'each' (one prompt at a time into a shared cache), 'padded', or 'auto'
                      prompt_format:str='answer', # 'answer' (training format), 'chat' (chat template) or 'raw'
-                     compile:Optional[bool]=None, # static KV cache in fixed shape buckets, `decode_greedy` (CUDA graphs on CUDA); None: on CUDA
+                     compile:Optional[bool]=None, # static KV cache, one shape per run, `decode_greedy` (CUDA graphs: see graph_min_steps); None: on CUDA
                      bucket:int=64,           # with `compile`: widths (greedy: the cache's) are padded to a multiple of this
                      graph_min_steps:int=1024, # compile=None on CUDA: CUDA graphs only for runs of at least this many decoding steps
                      desc:str='generate',     # progress bar label

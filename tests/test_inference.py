@@ -248,12 +248,11 @@ def test_one_static_cache_serves_every_batch_of_a_run(tiny, monkeypatch):
     the cache is reset between batches, not carried over, and the answers are the eager ones."""
     import stockdistill.generate as g
     model, tok, prompts, _ = tiny
-    mixed = prompts                                               # windows of 2 to 14 days: widths far apart
-    widths = [len(r) for r in g.encode_prompts(tok, mixed)]
-    eager = generate_answers(model, tok, mixed, batch_size=2, max_new_tokens=8, prefill='padded', compile=False)
+    widths = [len(r) for r in g.encode_prompts(tok, prompts)]     # windows of 2 to 14 days: widths far apart
+    eager = generate_answers(model, tok, prompts, batch_size=2, max_new_tokens=8, prefill='padded', compile=False)
     seen, real = [], g._static_cache
     monkeypatch.setattr(g, '_static_cache', lambda m, b, s: seen.append((b, s)) or real(m, b, s))
-    one_shape = generate_answers(model, tok, mixed, batch_size=2, max_new_tokens=8, compile=True, bucket=16)
-    assert len(seen) == -(-len(mixed)//2) and set(seen) == {(2, -(-max(widths)//16)*16 + 8)}
+    one_shape = generate_answers(model, tok, prompts, batch_size=2, max_new_tokens=8, compile=True, bucket=16)
+    assert len(seen) == -(-len(prompts)//2) and set(seen) == {(2, -(-max(widths)//16)*16 + 8)}
     assert max(widths) - min(widths) > 16                         # the batches' own prompt widths did differ
     assert one_shape == eager

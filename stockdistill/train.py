@@ -251,7 +251,7 @@ class LoraLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = dy2 @ _frozen_weight(ctx.base, x2.dtype)
             if keep is None: dx.addmm_(dxa, Ac)
-            else: dx.add_(drop(dxa @ Ac))
+            else: dx.addcmul_(dxa @ Ac, keep, value=1/(1 - ctx.p))   # mask, scale and add in one pass
             dx = dx.reshape(ctx.shape)
         return dx, None, None, dA.to(ctx.dtypes[0]), dB.to(ctx.dtypes[1]), None, None
 

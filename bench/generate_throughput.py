@@ -160,7 +160,7 @@ def many_answers(model, tok, prompts, a, clock, out):
     _, t = clock(lambda: generate_answers(model, tok, many, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                                           prefill='padded', stats=stats))
     out['answers_s'] = t
-    print(f"{a.answers} answers of {a.max_new_tokens} tokens, batch {a.batch_size}, compiled (warm buckets): {t:.1f} s, "
+    print(f"{a.answers} answers of {a.max_new_tokens} tokens, batch {a.batch_size}, compiled (the run's graph warm): {t:.1f} s, "
           f"{stats['new_tokens']/t:.0f} tokens/s", flush=True)
 
 

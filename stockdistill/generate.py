@@ -221,7 +221,7 @@ def _decode_step(model, tok, pos, cache_pos, mask, cache):
 def _compiled_step():
     "`_decode_step` compiled once per shape with CUDA graphs (torch.compile's 'reduce-overhead')."
     import torch._dynamo
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one entry per shape bucket
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one entry per (batch, cache) shape
     return torch.compile(_decode_step, mode='reduce-overhead', fullgraph=True, dynamic=False)
 
 def decode_greedy(model,                 # a causal LM (merged or plain; PEFT-wrapped works too)

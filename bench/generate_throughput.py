@@ -116,7 +116,7 @@ def gpu_suite(model, tok, prompts, a):
     out['one_by_one_tok_s'] = n1/t1
     print(f"one by one (eager, the seed's way): {n1/t1:8.1f} tokens/s ({len(few)} prompts)", flush=True)
     ways = [(False, 'eager', 2), (True, 'compiled', 2)][1 if a.skip_eager else 0:]
-    if a.fuse_proj: ways.append((True, 'fused', 1))      # last: it changes the model (after the N-answers run below)
+    if a.fuse_proj: ways.append((True, 'fused', 2))      # last: it changes the model (after the N-answers run below)
     for compile_, tag, n_bs in ways:
         if tag == 'fused':
             many_answers(model, tok, prompts, a, clock, out)
@@ -180,7 +180,7 @@ def main():
     ap.add_argument('--no-compile', action='store_true', help="stop HF generate from compiling decoding (GPU, static cache)")
     ap.add_argument('--one-by-one', type=int, default=8, help='prompts answered one by one in the GPU suite')
     ap.add_argument('--answers', type=int, default=1000, help='answers timed end to end in the GPU suite')
-    ap.add_argument('--fuse-proj', action='store_true', help='GPU suite: also batch 1 with fused q/k/v and gate/up projections (an experiment)')
+    ap.add_argument('--fuse-proj', action='store_true', help='GPU suite: also batch 1 and batch N with fused q/k/v and gate/up projections (an experiment)')
     ap.add_argument('--skip-eager', action='store_true', help='GPU suite: time only the compiled ways (eager figures are known)')
     ap.add_argument('--profile', action='store_true', help="GPU suite: print the costliest GPU kernels of one compiled batch")
     a = ap.parse_args()

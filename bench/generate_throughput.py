@@ -135,9 +135,9 @@ def gpu_suite(model, tok, prompts, a):
                 with torch.inference_mode():   # the best of 3: the first call of a new width pays one-off set-up costs
                     tp = min(clock(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1))[1] for _ in range(3))
                 decoded = stats['new_tokens'] - len(ps)           # tokens after each row's first (which the prefill gives)
-                out[f'{tag}_b{bs}_decode_tok_s'] = decoded/(t - tp) if decoded > 0 and t > tp else None
+                rate = out[f'{tag}_b{bs}_decode_tok_s'] = decoded/(t - tp) if decoded > 0 and t > tp else None
                 note = (f"         prefill of the batch alone {tp*1e3:.0f} ms ({ids.shape[1]} positions); decoding alone "
-                        + (f"{out[f'{tag}_b{bs}_decode_tok_s']:.1f} tokens/s" if decoded > 0 and t > tp else "not measurable (every row stopped at once)"))
+                        + (f"{rate:.1f} tokens/s" if rate else "not measurable (every row stopped at once)"))
             print(f"{tag:8s} batch {bs:3d}: {stats['new_tokens']/t:9.1f} tokens/s (first call {t_first:6.1f} s with compilation; "
                   f"{t:6.2f} s after); same greedy answers as one by one: {same}/{min(len(ans), len(single))}",
                   flush=True)

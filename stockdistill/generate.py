@@ -302,6 +302,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
     cache_len = -(-max(map(len, rows), default=1)//bucket)*bucket + max_new_tokens   # one cache shape, one compiled graph per run
     steps = -(-len(rows)//batch_size) * max_new_tokens       # decoding steps of the run (at most)
     graphs = compiled and _graphs_pay(model.device.type, compile, steps, graph_min_steps)
+    static = compiled and (graphs or model.device.type != 'cuda')   # transformers' generate: a static cache (it compiles)
     with torch.inference_mode(), tqdm(total=len(rows), desc=desc, leave=False) as bar:
         for b in range(0, len(order), batch_size):
             idx = order[b:b+batch_size]
@@ -312,8 +313,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
             extra = {_cache_arg(): prefilled_cache(model, batch, max_new_tokens)} if cached else {}
             if own_loop: new_ids = decode_greedy(model, ids, mask, max_new_tokens, stop | {pad_id}, compile=graphs, cache_len=cache_len)
             else:
-                if graphs or compiled and model.device.type != 'cuda':   # fixed shapes: generate compiles once per bucket
-                    extra['cache_implementation'] = 'static'
+                if static: extra['cache_implementation'] = 'static'   # fixed shapes: generate compiles once per bucket
                 new_ids = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                          pad_token_id=pad_id, eos_token_id=sorted(stop) or None, **extra, **gen_kwargs)[:, ids.shape[1]:]
             for i, row in zip(idx, new_ids.tolist()):

@@ -243,10 +243,10 @@ class LoraLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x2, Ac, Bc, xa, keep = ctx.saved_tensors
         s, dy2 = ctx.scaling, dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        drop = (lambda t: t) if keep is None else (lambda t: torch.ops.aten.native_dropout_backward(t, keep, 1/(1 - ctx.p)))
+        xd = x2 if keep is None else torch.ops.aten.native_dropout_backward(x2, keep, 1/(1 - ctx.p))   # dropout(x) again
         dxa = (dy2 @ Bc).mul_(s)                                 # (T, r)
         dB = (dy2.t() @ xa).mul_(s)
-        dA = dxa.t() @ drop(x2)
+        dA = dxa.t() @ xd
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dy2 @ _frozen_weight(ctx.base, x2.dtype)

@@ -14,7 +14,8 @@ work, so one-by-one time / prefill time bounds any batched speed-up. Each way is
 (least disturbed) time of each way gives the speed-up, as `timeit` advises, and the median is printed beside it.
 On a GPU, `--shape qwen1.5-7b` replaces the tiny student by a random model of that exact shape (bf16) and runs the
 GPU suite instead (`gpu_suite`): one by one (the seed's way, eager), batch 1 and batch 64 eager and compiled (static
-KV cache in shape buckets, CUDA graphs: what `generate_answers` does on CUDA), agreement of batched greedy answers
+KV cache of one shape per run, CUDA graphs: what `generate_answers` does on CUDA; `--captures own,trees` times both ways
+of running the compiled step, `--fuse-proj` then the fused projections), agreement of batched greedy answers
 with one-by-one ones, and `--answers` evaluation answers of `--max-new-tokens` tokens timed end to end, compilation
 included. A random model never emits its end-of-sequence token, so every answer has the full budget.
 """
@@ -29,7 +30,7 @@ import torch
 from stockdistill.config import bundled_codes
 from stockdistill.data import load_bars
 from stockdistill.prompt import fit_prompt, format_example
-from stockdistill.generate import _pad_left, encode_prompts, generate_answers, strip_echo
+from stockdistill.generate import _pad_left, encode_prompts, fuse_projections, generate_answers, strip_echo
 from stockdistill.train import build_tiny_student
 
 
@@ -72,40 +73,6 @@ def timed(f, repeat:int):
     return out, min(times), statistics.median(times)
 
 
-def fuse_projections(model) -> int:
-    """Experiment (#20): each decoder layer's q/k/v projections as one matrix product and its gate/up projections as
-    one, for decoding at batch 1, where each product is a matrix-vector read of the weights and fewer, larger reads
-    run closer to the memory bandwidth. `q_proj` computes all three and leaves k and v for `k_proj`/`v_proj`, which
-    Qwen2's attention calls right after it with the same input; the MLP's forward is replaced. Weights are copied
-    (bf16, ~the model's size again in the fused layers; the originals are freed). Returns the layers fused."""
-    import torch.nn.functional as F
-    class Stash(torch.nn.Module):
-        def __init__(self, weight, bias, sizes):
-            super().__init__(); self.weight, self.bias, self.sizes, self.kv = torch.nn.Parameter(weight, False), bias, sizes, None
-    class Q(torch.nn.Module):
-        def __init__(self, stash): super().__init__(); self.stash = stash
-        def forward(self, x):
-            q, k, v = F.linear(x, self.stash.weight, self.stash.bias).split(self.stash.sizes, -1)
-            self.stash.kv = (k, v)
-            return q
-    class KV(torch.nn.Module):
-        def __init__(self, stash, i): super().__init__(); self.stash, self.i = stash, i
-        def forward(self, x): return self.stash.kv[self.i]
-    n = 0
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        ps = (a.q_proj, a.k_proj, a.v_proj)
-        bias = None if ps[0].bias is None else torch.nn.Parameter(torch.cat([p.bias for p in ps]), False)
-        stash = Stash(torch.cat([p.weight for p in ps]), bias, [p.out_features for p in ps])
-        a.q_proj, a.k_proj, a.v_proj = Q(stash), KV(stash, 0), KV(stash, 1)
-        gate_up, inter = torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.gate_proj.out_features
-        del m.gate_proj, m.up_proj
-        m.gate_up = torch.nn.Parameter(gate_up, False)
-        m.forward = (lambda m, inter: lambda x: m.down_proj(m.act_fn((gu := F.linear(x, m.gate_up))[..., :inter]) * gu[..., inter:]))(m, inter)
-        n += 1
-    return n
-
-
 def gpu_suite(model, tok, prompts, a):
     "The GPU figures of issue #20: tokens/s at batch 1 and 64, eager and compiled, agreement, and N answers end to end."
     sync, out = (torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)), {}
@@ -115,18 +82,17 @@ def gpu_suite(model, tok, prompts, a):
     (single, n1), t1 = clock(lambda: one_by_one(model, tok, few, a.max_new_tokens))
     out['one_by_one_tok_s'] = n1/t1
     print(f"one by one (eager, the seed's way): {n1/t1:8.1f} tokens/s ({len(few)} prompts)", flush=True)
-    ways = [(False, 'eager', 2), (True, 'compiled', 2)][1 if a.skip_eager else 0:]
-    if a.fuse_proj: ways.append((True, 'fused', 2))      # last: it changes the model (after the N-answers run below)
-    for compile_, tag, n_bs in ways:
-        if tag == 'fused':
-            many_answers(model, tok, prompts, a, clock, out)
-            print(f"fused projections in {fuse_projections(model)} layers", flush=True)
-        for bs, ps in ((1, few), (a.batch_size, prompts[:a.batch_size]))[:n_bs]:
+    ways = [] if a.skip_eager else [(False, 'eager', 'own')]
+    ways += [(True, c, c) for c in a.captures.split(',')]
+    if a.fuse_proj: ways.append((True, 'fused', 'own'))   # last: it changes the model
+    for compile_, tag, capture in ways:
+        if tag == 'fused': print(f"fused projections: {fuse_projections(model)} groups", flush=True)
+        for bs, ps in ((1, few), (a.batch_size, prompts[:a.batch_size])):
             stats = {}
             run = lambda: generate_answers(model, tok, ps, batch_size=bs, max_new_tokens=a.max_new_tokens, compile=compile_,
-                                           prefill='padded', stats=stats)
+                                           prefill='padded', capture=capture, stats=stats)
             _, t_first = clock(run)                  # the first call compiles (once per run shape)
-            ans, t = clock(run)
+            ans, t = min((clock(run) for _ in range(a.repeat)), key=lambda r: r[1])   # the best of --repeat
             out[f'{tag}_b{bs}_tok_s'] = stats['new_tokens']/t
             same = sum(x == y for x, y in zip(single, ans))
             if compile_:   # the prefill alone (same padding: greedy batches are as wide as their longest prompt), to
@@ -139,7 +105,7 @@ def gpu_suite(model, tok, prompts, a):
                 note = (f"         prefill of the batch alone {tp*1e3:.0f} ms ({ids.shape[1]} positions); decoding alone "
                         + (f"{rate:.1f} tokens/s" if rate else "not measurable (every row stopped at once)"))
             print(f"{tag:8s} batch {bs:3d}: {stats['new_tokens']/t:9.1f} tokens/s (first call {t_first:6.1f} s with compilation; "
-                  f"{t:6.2f} s after); same greedy answers as one by one: {same}/{min(len(ans), len(single))}",
+                  f"best of {a.repeat} {t:6.2f} s); same greedy answers as one by one: {same}/{min(len(ans), len(single))}",
                   flush=True)
             if compile_: print(note, flush=True)
     if a.profile and torch.cuda.is_available():   # where one compiled batch's time goes, by GPU kernel
@@ -149,7 +115,7 @@ def gpu_suite(model, tok, prompts, a):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             _, t = clock(lambda: generate_answers(model, tok, ps, batch_size=bs, max_new_tokens=a.max_new_tokens, prefill='padded'))
         print_kernels(prof, f"compiled batch {bs}, {t*1e3:.0f} ms:", 15)
-    if not a.fuse_proj: many_answers(model, tok, prompts, a, clock, out)
+    many_answers(model, tok, prompts, a, clock, out)
     return out
 
 
@@ -180,7 +146,8 @@ def main():
     ap.add_argument('--no-compile', action='store_true', help="stop HF generate from compiling decoding (GPU, static cache)")
     ap.add_argument('--one-by-one', type=int, default=8, help='prompts answered one by one in the GPU suite')
     ap.add_argument('--answers', type=int, default=1000, help='answers timed end to end in the GPU suite')
-    ap.add_argument('--fuse-proj', action='store_true', help='GPU suite: also batch 1 and batch N with fused q/k/v and gate/up projections (an experiment)')
+    ap.add_argument('--captures', default='own', help="GPU suite: how compiled steps run as CUDA graphs, comma-separated: own, trees (decode_greedy's capture)")
+    ap.add_argument('--fuse-proj', action='store_true', help='GPU suite: then batch 1 and batch N again with fused q/k/v and gate/up projections (fuse_projections), and the N answers on that model')
     ap.add_argument('--skip-eager', action='store_true', help='GPU suite: time only the compiled ways (eager figures are known)')
     ap.add_argument('--profile', action='store_true', help="GPU suite: print the costliest GPU kernels of one compiled batch")
     a = ap.parse_args()

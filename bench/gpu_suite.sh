@@ -4,6 +4,7 @@
 #                                   # (SETUPS=a,b to choose, PROFILE=a to print one step's costliest kernels)
 #   bash bench/gpu_suite.sh gen     # bench/generate_throughput.py GPU suite + bench/kd_throughput.py (32B teacher, 7B student)
 #   bash bench/gpu_suite.sh genonly # the generation suite alone (GEN_ARGS='--skip-eager --profile' etc. passed on)
+#   bash bench/gpu_suite.sh test    # the CUDA-only tests (tests/test_gpu.py), skipped on CPU machines
 #   bash bench/gpu_suite.sh smoke   # the same scripts on tiny shapes (CPU), to check them before spending device time
 # Wheels the GPU machine lacks (transformers 5.24, bitsandbytes, liger-kernel, fastcore) travel in .whl/ (see README).
 set -u
@@ -27,7 +28,8 @@ case ${1:-} in
          [ "$1" = gen ] || exit 0
          (cd bench && timeout 200 $py kd_throughput.py --teacher qwen2.5-32b --student qwen2.5-7b --seq-len 2048 --batch 2 \
            --steps 5 --json "$out/kd.json") 2>&1 | tee "$out/kd.log" | quiet ;;
+  test) timeout ${TEST_TIMEOUT:-300} $py -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/test.log" | tail -15 ;;
   smoke) $py bench/train_throughput.py --shape tiny --seq-len 256 --steps 3 --setups previous,new,new-pack 2>&1 | quiet | tail -5
          (cd bench && $py kd_throughput.py --steps 3 --seq-len 256) 2>&1 | quiet | tail -4 ;;
-  *) echo "usage: bash bench/gpu_suite.sh train|gen|genonly|smoke"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh train|gen|genonly|test|smoke"; exit 2 ;;
 esac

@@ -21,6 +21,7 @@ depend on their values). The set-ups (`SETUPS` below) are:
 - `new-pack`  the same with padding-free packing (one row per batch, restarting positions);
 - `new-unfused` the new default with PEFT's own LoRA forward instead of `LoraLinearFn` (`fuse_lora`);
 - `new-nodrop` the new default with LoRA dropout 0 instead of the seed's 0.05 (what the dropout costs);
+- `new-keep`  the new default saving the dropped-out input for the backward instead of recomputing it (`LoraLinearFn.keep_dropped`);
 - `qlora-new` the new default on a 4-bit base.
 
 Each set-up runs `--steps` optimizer steps with the same functions `train_student` uses (`load_base`, `add_lora`,
@@ -71,6 +72,7 @@ SETUPS = {  # name: (4-bit, batch, grad accum, checkpointing ('auto' | bool), li
     'new-compile': (False, 4, 1, 'auto', False, True, False, True),    # the new default with torch.compile instead of Liger
     'new-b8': (False, 8, 1, 'auto', 'ours', True, False, True),        # twice the micro-batch (checkpointing if it would not fit)
     'new-nodrop': (False, 4, 1, 'auto', 'ours', True, False, True),    # the new default with lora_dropout 0 (what dropout costs)
+    'new-keep': (False, 4, 1, 'auto', 'ours', True, False, True),      # the new default saving dropout(x) (LoraLinearFn.keep_dropped)
 }
 EXTRA_ARGS = {'new-compile': dict(torch_compile=True)}   # TrainingArguments beyond the tuple's
 DROPOUT = {'new-nodrop': 0.0}                            # LoRA dropout where it is not the seed's 0.05
@@ -160,7 +162,8 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
     from transformers import Trainer, TrainerCallback
     from stockdistill.config import DistillConfig
     Profile = _profiler_callback()
-    from stockdistill.train import add_lora, answer_only_loss, needs_checkpointing, train_memory_gib, training_arguments
+    from stockdistill.train import LoraLinearFn, add_lora, answer_only_loss, needs_checkpointing, train_memory_gib, training_arguments
+    LoraLinearFn.keep_dropped = name == 'new-keep'
     four_bit, batch, accum, ckpt, liger, answer_only, pack, fused = SETUPS[name]
     cuda = torch.cuda.is_available()
     if not cuda: liger = False                                 # Liger's kernels are Triton: GPU only

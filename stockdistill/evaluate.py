@@ -319,6 +319,7 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
                    flat_band:float=1.0,       # percent band of the momentum baseline's 'flat'
                    n_samples:int=3,           # how many example answers to keep in the result
                    generate_fn=None,          # the tuned model's answer function (default `generate_answers`; see `generate.answer_fn`)
+                   fuse:bool=True,            # on CUDA, fuse the projections of the models loaded here (`generate.fuse_projections`)
                    ) -> dict:
     "Generate with the base and the tuned model on `data`, and score both against the teacher and the market."
     from stockdistill.generate import generate_answers
@@ -329,13 +330,15 @@ def evaluate_model(data,                      # cleaned JSONL path, or a list of
     gen = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     base = _resolve_model(base_model, tokenizer)
     cost_before, cost_after = {}, {}
-    before = generate_answers(*base, prompts, desc='base model', stats=cost_before, **gen)
+    owned = not isinstance(base_model, (tuple, list)) and base[0].device.type == 'cuda'   # loaded here: fuse its projections
+    before = generate_answers(*base, prompts, desc='base model', stats=cost_before, fuse=owned and fuse, **gen)
     if not isinstance(base_model, (tuple, list)): base = base_model   # free the base copy; the adapter loads its own
     tuned = _resolve_model(tuned_model, tokenizer, base=base)
     m = tuned[0]   # on a GPU the adapter is folded into the weights: one matmul per layer instead of two (not for 4-bit bases)
     merge = (m.device.type == 'cuda' and not getattr(m, 'is_loaded_in_4bit', False) and hasattr(m, 'merge_and_unload')
              and not isinstance(tuned_model, (tuple, list)))   # never change a model the caller handed in
-    after = (generate_fn or generate_answers)(*tuned, prompts, desc='tuned model', merge=merge, stats=cost_after, **gen)
+    extra = {'fuse': merge and fuse} if generate_fn is None else {}   # a plug-in answer function takes its own arguments
+    after = (generate_fn or generate_answers)(*tuned, prompts, desc='tuned model', merge=merge, stats=cost_after, **gen, **extra)
     res = {'n': len(records), 'before': {**score_answers(before, records, embed_model, outcomes), **generation_cost(cost_before)},
            'after': {**score_answers(after, records, embed_model, outcomes), **generation_cost(cost_after)}}
     real = realized_directions(records)

@@ -17,9 +17,10 @@ from .prompt import ANSWER_MARK, format_example
 from .rope import scale_rope
 
 # %% auto #0
-__all__ = ['EMBEDDED_STUDENT', 'PROMPT_FORMATS', 'ANSWER_FNS', 'strip_echo', 'use_4bit', 'fsdp_launch', 'load_base',
-           'resolve_base', 'record_base', 'load_student', 'load_model', 'eos_ids', 'cut_at_eos', 'encode_prompts',
-           'prefilled_cache', 'decode_greedy', 'generate_answers', 'answer_fn']
+__all__ = ['EMBEDDED_STUDENT', 'PROMPT_FORMATS', 'CAPTURES', 'PROJECTION_GROUPS', 'ANSWER_FNS', 'strip_echo', 'use_4bit',
+           'fsdp_launch', 'load_base', 'resolve_base', 'record_base', 'load_student', 'load_model', 'eos_ids',
+           'cut_at_eos', 'encode_prompts', 'prefilled_cache', 'decode_greedy', 'generate_answers', 'fuse_projections',
+           'answer_fn']
 
 # %% ../nbs/02b_generate.ipynb #46dcfca6
 def strip_echo(text:str) -> str:
@@ -206,7 +207,7 @@ def _static_cache(model, batch:int, size:int):
     if held is not None and held[0] == (batch, size):
         held[1].reset()                      # the same tensors again: a CUDA graph captured on them stays valid
         return held[1]
-    model._sd_static_cache = None            # let the old cache go before the new one is allocated
+    model._sd_static_cache = model._sd_step_graph = None   # let the old cache (and a graph on it) go before the new one is allocated
     cache = StaticCache(config=model.config, max_cache_len=size)
     model._sd_static_cache = ((batch, size), cache)
     return cache
@@ -217,25 +218,62 @@ def _decode_step(model, tok, pos, cache_pos, mask, cache):
                    **{_cache_arg(): cache}).logits
     return logits[:, -1].argmax(-1, keepdim=True)
 
+CAPTURES = ('own', 'trees')
+
 @functools.cache
-def _compiled_step():
-    "`_decode_step` compiled once per shape with CUDA graphs (torch.compile's 'reduce-overhead')."
+def _compiled_step(capture:str='own'):
+    "`_decode_step` compiled once per shape: inductor's fused kernels for `_StepGraph` ('own'), or with torch.compile's CUDA graph trees ('trees')."
     import torch._dynamo
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one entry per (batch, cache) shape
-    return torch.compile(_decode_step, mode='reduce-overhead', fullgraph=True, dynamic=False)
+    return torch.compile(_decode_step, mode='reduce-overhead' if capture == 'trees' else 'default', fullgraph=True, dynamic=False)
+
+class _StepGraph:
+    "The compiled decoding step of one (batch, cache) shape as one CUDA graph over fixed buffers, the next token fed back inside it."
+    def __init__(self, model, cache, B:int, S:int):
+        dev, self.cache = model.device, cache
+        self.tok, self.pos = (torch.zeros(B, 1, dtype=torch.long, device=dev) for _ in range(2))
+        self.cpos, self.mask = torch.zeros(1, dtype=torch.long, device=dev), torch.ones(B, S, dtype=torch.long, device=dev)
+        step = _compiled_step('own')
+        def run():
+            nxt = step(model, self.tok, self.pos, self.cpos, self.mask, cache)
+            self.tok.copy_(nxt); self.pos.add_(1); self.cpos.add_(1)
+        side = torch.cuda.Stream()          # compile and warm up off the capture (PyTorch's rule for CUDA graphs); the writes
+        side.wait_stream(torch.cuda.current_stream())   # land in the cache's last slot, which no decoding step reads
+        with torch.cuda.stream(side):
+            for _ in range(2): self.cpos.fill_(S - 1); run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph): run()
+
+    @classmethod
+    def of(cls, model, cache, B:int, S:int):
+        "The graph of this cache, captured at its first use and kept on the model beside it (a new cache drops it)."
+        held = getattr(model, '_sd_step_graph', None)
+        if held is None or held.cache is not cache:
+            model._sd_step_graph = None      # free the old graph's memory pool first
+            model._sd_step_graph = held = cls(model, cache, B, S)
+        return held
+
+    def start(self, tok, pos, cpos:int, mask):
+        "Set the buffers for a batch: its first new token, that token's position, its cache slot, the attention mask."
+        self.tok.copy_(tok); self.pos.copy_(pos); self.cpos.fill_(cpos); self.mask.copy_(mask)
 
 def decode_greedy(model,                 # a causal LM (merged or plain; PEFT-wrapped works too)
                   ids, mask,             # left-padded prompt ids and their attention mask, `(batch, width)`
                   max_new_tokens:int,    # answer budget
                   stop:set,              # token ids that end a row
-                  compile:bool=False,    # compile the decoding step with CUDA graphs (CUDA only)
+                  compile:bool=False,    # compile the decoding step, and on CUDA run it as a CUDA graph
                   check_every:int=16,    # look for finished rows every this many steps (each look waits for the GPU)
-                  cache_len:Optional[int]=None): # static cache positions (≥ width + max_new_tokens; None: exactly that)
+                  cache_len:Optional[int]=None, # static cache positions (≥ width + max_new_tokens; None: exactly that)
+                  capture:str='own'):    # with `compile` on CUDA: 'own' (`_StepGraph`) or 'trees' (torch.compile's 'reduce-overhead')
     "Greedy continuations `(batch, ≤ max_new_tokens)`: one prefill into a static cache, then a decoding loop that never waits for the GPU between checks."
+    if capture not in CAPTURES: raise ValueError(f"capture={capture!r}: use one of {', '.join(CAPTURES)}")
     B, W = ids.shape
     S = W + max_new_tokens if cache_len is None else cache_len
     if S < W + max_new_tokens: raise ValueError(f"cache_len={S} cannot hold a prompt of {W} tokens and {max_new_tokens} new ones")
     cache = _static_cache(model, B, S)    # the compiled step depends on (B, S) only, not on the prompt width W
+    own = compile and capture == 'own' and ids.device.type == 'cuda'
+    graph = _StepGraph.of(model, cache, B, S) if own else None   # captured before the prefill writes the cache
     full = torch.cat([mask, mask.new_ones(B, S - W)], 1)    # constant: causality hides the positions not yet written
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cpos = torch.arange(S, device=ids.device)
@@ -244,12 +282,17 @@ def decode_greedy(model,                 # a causal LM (merged or plain; PEFT-wr
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=ids.device)
     tok = logits[:, -1].argmax(-1, keepdim=True)    # (B, 1), contiguous: every step gets an input of one layout
     out[:, :1] = tok
-    step, last = (_compiled_step() if compile else _decode_step), pos[:, -1:]
+    step, last = (_compiled_step(capture) if compile else _decode_step), pos[:, -1:]
+    if own: graph.start(tok, last + 1, W, full)
     stop_ids, n = torch.tensor(sorted(stop), device=ids.device), max_new_tokens
     for k in range(1, max_new_tokens):
-        if compile: torch.compiler.cudagraph_mark_step_begin()
-        tok = step(model, tok, last + k, cpos[W+k-1:W+k], full, cache).clone()  # a CUDA graph overwrites its output next time
-        out[:, k:k+1] = tok
+        if own:
+            graph.graph.replay()            # one launch: the step, and its token, position and slot moved on for the next
+            out[:, k:k+1] = graph.tok
+        else:
+            if compile and capture == 'trees': torch.compiler.cudagraph_mark_step_begin()
+            tok = step(model, tok, last + k, cpos[W+k-1:W+k], full, cache).clone()  # a graph tree overwrites its output next time
+            out[:, k:k+1] = tok
         if k % check_every == 0 and torch.isin(out[:, :k+1], stop_ids).any(1).all():
             n = k + 1
             break
@@ -282,6 +325,8 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                      compile:Optional[bool]=None, # static KV cache, one shape per run, `decode_greedy` (CUDA graphs: see graph_min_steps); None: on CUDA
                      bucket:int=64,           # with `compile`: widths (greedy: the cache's) are padded to a multiple of this
                      graph_min_steps:int=1024, # compile=None on CUDA: CUDA graphs only for runs of at least this many decoding steps
+                     capture:str='own',       # how a compiled greedy step runs on CUDA (see `decode_greedy`)
+                     fuse:bool=False,         # fuse q/k/v and gate/up projections first (`fuse_projections`: a model only generated with)
                      desc:str='generate',     # progress bar label
                      stats:Optional[dict]=None, # if given, filled with new_tokens, seconds, prompts, prefill, usage per prompt
                      **gen_kwargs) -> list[str]:
@@ -293,6 +338,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
     own_loop = compiled and not do_sample and not gen_kwargs   # greedy: our static-cache loop; else transformers' generate
     if merge and hasattr(model, 'merge_and_unload'): model = model.merge_and_unload()
     model.eval()
+    fused = fuse_projections(model) if fuse else 0
     rows = encode_prompts(tokenizer, prompts, prompt_format)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -311,7 +357,8 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
             ids, mask = _pad_left(batch, pad_id, model.device, bucket if compiled and not own_loop else 1)
             cached = mode == 'each' and len(batch) > 1 and ids.shape[1] > 1
             extra = {_cache_arg(): prefilled_cache(model, batch, max_new_tokens)} if cached else {}
-            if own_loop: new_ids = decode_greedy(model, ids, mask, max_new_tokens, stop | {pad_id}, compile=graphs, cache_len=cache_len)
+            if own_loop: new_ids = decode_greedy(model, ids, mask, max_new_tokens, stop | {pad_id}, compile=graphs, cache_len=cache_len,
+                                              capture=capture)
             else:
                 if static: extra['cache_implementation'] = 'static'   # fixed shapes: generate compiles once per bucket
                 new_ids = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -323,8 +370,62 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
                 answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
             bar.update(len(idx))
     if stats is not None: stats.update(prompts=len(rows), new_tokens=n_new, seconds=time.perf_counter() - t0, prefill=mode, usage=usage, compiled=compiled,
-                                cuda_graphs=graphs)
+                                cuda_graphs=graphs, fused=fused)
     return answers
+
+# %% ../nbs/02b_generate.ipynb #f92b1b89
+PROJECTION_GROUPS = (('q_proj', 'k_proj', 'v_proj'), ('gate_proj', 'up_proj'))   # products of one input, in call order
+
+class _Fused:
+    "The projections of one input as one matrix product: the first computes them all, the others take their part, in order."
+    def __init__(self, layers:list):
+        self.sizes, self.parts = [l.out_features for l in layers], []
+        self.weight = torch.cat([l.weight.detach() for l in layers])   # the layers' weights become views of it
+        self.bias = None if layers[0].bias is None else torch.cat([l.bias.detach() for l in layers])
+        for l, w, b in zip(layers, self.weight.split(self.sizes), (self.bias.split(self.sizes) if self.bias is not None else [None]*len(layers))):
+            l.weight.data = w
+            if b is not None: l.bias.data = b
+        layers[0].forward = self.first
+        for l in layers[1:]: l.forward = self.next
+
+    def first(self, x):
+        y, *self.parts = torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, -1)
+        return y
+
+    def next(self, x):
+        if not self.parts: raise RuntimeError("a fused projection ran before the first of its group: the model calls them in another order")
+        return self.parts.pop(0)
+
+def _probe_logits(model, probe):
+    with torch.inference_mode(): return model(input_ids=probe, use_cache=False).logits.float()
+
+def fuse_projections(model,                # a causal LM used only to generate from now on (its weights move; do not train or save it)
+                     probe_len:int=16):    # tokens of the check run before and after fusing
+    """Each decoder layer's q/k/v projections as one matrix product, and gate/up as one: at batch 1 a decoding step is
+    a matrix-vector read of every weight, and fewer, larger reads run closer to the memory bandwidth. Only groups of
+    plain `nn.Linear` layers (a merged or plain model; PEFT's LoRA layers are left alone) are fused, in place, without a
+    second copy of the weights; a check run on `probe_len` tokens must give the logits of the unfused model, otherwise
+    the model is restored and an error says so. Returns the groups fused."""
+    groups = [[getattr(m, n) for n in names] for m in model.modules() for names in PROJECTION_GROUPS
+              if all(type(getattr(m, n, None)) is torch.nn.Linear for n in names)]
+    groups = [g for g in groups if len({l.in_features for l in g}) == 1 and len({(l.weight.dtype, l.weight.device) for l in g}) == 1
+              and len({l.bias is None for l in g}) == 1 and not any(l.__dict__.get('forward') for l in g)]
+    if not groups: return 0
+    probe = torch.arange(1, probe_len + 1, device=model.device).remainder(model.config.vocab_size)[None]
+    before = _probe_logits(model, probe)
+    fused = [_Fused(g) for g in groups]
+    model._sd_step_graph = None                    # a graph captured on the old weights would read freed memory
+    try: after = _probe_logits(model, probe)
+    except RuntimeError as e: after, err = None, str(e)
+    else: err = f"relative error {((after - before).norm()/before.norm()).item():.2e} of the logits" if after.shape != before.shape or \
+        ((after - before).norm() > 1e-2*before.norm()) else None
+    if err:
+        for f, g in zip(fused, groups):
+            for l, w in zip(g, f.weight.split(f.sizes)): l.weight.data = w.clone(); l.__dict__.pop('forward', None)
+            if f.bias is not None:
+                for l, b in zip(g, f.bias.split(f.sizes)): l.bias.data = b.clone()
+        raise RuntimeError(f"fused projections change this model's output ({err}); it was restored unfused")
+    return len(fused)
 
 # %% ../nbs/02b_generate.ipynb #2cdf13e3
 ANSWER_FNS = Registry('answer function')   # name -> hook(cfg, adapter) -> a function like `generate_answers`, or None

@@ -227,6 +227,8 @@ def _frozen_weight(base, dtype):
 
 class LoraLinearFn(torch.autograd.Function):
     "y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ with a frozen W (of `base`), in one forward and one backward (dropout rate `p`)."
+    keep_dropped = False   # save dropout(x) for the backward instead of x (recomputed from x and the mask): an experiment (bench: new-keep)
+
     @staticmethod
     def forward(ctx, x, base, bias, A, B, scaling:float, p:float):
         shape, x2 = x.shape, x.reshape(-1, x.shape[-1])
@@ -235,15 +237,16 @@ class LoraLinearFn(torch.autograd.Function):
         xa = xd @ Ac.t()                                         # (T, r)
         y = torch.nn.functional.linear(x2, _frozen_weight(base, x.dtype), bias)   # a 4-bit weight is not kept dequantized
         y.addmm_(xa, Bc.t(), alpha=scaling)                      # the LoRA term added inside the GEMM
-        ctx.save_for_backward(x2, Ac, Bc, xa, keep)               # the mask, not the dropped-out copy (recomputed)
-        ctx.base, ctx.scaling, ctx.p, ctx.shape, ctx.dtypes = base, scaling, p, shape, (A.dtype, B.dtype)
+        kept = keep is not None and LoraLinearFn.keep_dropped
+        ctx.save_for_backward(xd if kept else x2, Ac, Bc, xa, keep)   # by default the mask, not the dropped-out copy (recomputed)
+        ctx.base, ctx.scaling, ctx.p, ctx.shape, ctx.dtypes, ctx.kept = base, scaling, p, shape, (A.dtype, B.dtype), kept
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x2, Ac, Bc, xa, keep = ctx.saved_tensors
         s, dy2 = ctx.scaling, dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        xd = x2 if keep is None else torch.ops.aten.native_dropout_backward(x2, keep, 1/(1 - ctx.p))   # dropout(x) again
+        xd = x2 if keep is None or ctx.kept else torch.ops.aten.native_dropout_backward(x2, keep, 1/(1 - ctx.p))   # dropout(x) again
         dxa = (dy2 @ Bc).mul_(s)                                 # (T, r)
         dB = (dy2.t() @ xa).mul_(s)
         dA = dxa.t() @ xd

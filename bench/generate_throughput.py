@@ -113,10 +113,29 @@ def gpu_suite(model, tok, prompts, a):
       for bs in (1, a.batch_size):
         ps = prompts[:bs]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            _, t = clock(lambda: generate_answers(model, tok, ps, batch_size=bs, max_new_tokens=a.max_new_tokens, prefill='padded'))
+            _, t = clock(lambda: generate_answers(model, tok, ps, batch_size=bs, max_new_tokens=a.max_new_tokens, prefill='padded',
+                                                  compile=True))
         print_kernels(prof, f"compiled batch {bs}, {t*1e3:.0f} ms:", 15)
+    if a.gemv and torch.cuda.is_available(): gemv_rates(model)
     many_answers(model, tok, prompts, a, clock, out)
     return out
+
+
+def gemv_rates(model, repeat:int=50):
+    "Time each distinct weight shape of one layer and the output head as a batch-1 product, and print the memory bandwidth it reaches."
+    layer, rows = model.model.layers[0], {}
+    for name, m in [*layer.named_modules(), ('lm_head', model.lm_head)]:
+        if isinstance(m, torch.nn.Linear): rows.setdefault(tuple(m.weight.shape), (name, m.weight))
+    print("batch-1 products (the weight read once):", flush=True)
+    for shape, (name, w) in rows.items():
+        x = torch.randn(1, 1, w.shape[1], device=w.device, dtype=w.dtype)
+        for _ in range(3): torch.nn.functional.linear(x, w)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat): torch.nn.functional.linear(x, w)
+        end.record(); torch.cuda.synchronize()
+        us = start.elapsed_time(end)*1e3/repeat
+        print(f"  {name:28s} {str(shape):16s} {us:8.1f} us  {w.numel()*w.element_size()/us/1e3:7.0f} GB/s", flush=True)
 
 
 def many_answers(model, tok, prompts, a, clock, out):
@@ -149,6 +168,7 @@ def main():
     ap.add_argument('--captures', default='own', help="GPU suite: how compiled steps run as CUDA graphs, comma-separated: own, trees (decode_greedy's capture)")
     ap.add_argument('--fuse-proj', action='store_true', help='GPU suite: then batch 1 and batch N again with fused q/k/v and gate/up projections (fuse_projections), and the N answers on that model')
     ap.add_argument('--skip-eager', action='store_true', help='GPU suite: time only the compiled ways (eager figures are known)')
+    ap.add_argument('--gemv', action='store_true', help="GPU suite: time each weight shape's batch-1 product and print its memory bandwidth")
     ap.add_argument('--profile', action='store_true', help="GPU suite: print the costliest GPU kernels of one compiled batch")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

@@ -237,22 +237,26 @@ class _StepGraph:
         def run():
             nxt = step(model, self.tok, self.pos, self.cpos, self.mask, cache)
             self.tok.copy_(nxt); self.pos.add_(1); self.cpos.add_(1)
-        side = torch.cuda.Stream()          # compile and warm up off the capture (PyTorch's rule for CUDA graphs); the writes
-        side.wait_stream(torch.cuda.current_stream())   # land in the cache's last slot, which no decoding step reads
+        side = torch.cuda.Stream()          # compile and warm up off the capture (PyTorch's rule for CUDA graphs); the two steps
+        side.wait_stream(torch.cuda.current_stream())   # write into the cache, which the caller empties afterwards
         with torch.cuda.stream(side):
             for _ in range(2): self.cpos.fill_(S - 1); run()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph): run()
 
+    @staticmethod
+    def held(model, cache):
+        "The graph captured on `cache`, if any."
+        g = getattr(model, '_sd_step_graph', None)
+        return g if g is not None and g.cache is cache else None
+
     @classmethod
-    def of(cls, model, cache, B:int, S:int):
-        "The graph of this cache, captured at its first use and kept on the model beside it (a new cache drops it)."
-        held = getattr(model, '_sd_step_graph', None)
-        if held is None or held.cache is not cache:
-            model._sd_step_graph = None      # free the old graph's memory pool first
-            model._sd_step_graph = held = cls(model, cache, B, S)
-        return held
+    def capture(cls, model, cache, B:int, S:int):
+        "Capture the graph of `cache` and keep it on the model beside it (a new cache drops it). Its warm-up writes into the cache."
+        model._sd_step_graph = None          # free the old graph's memory pool first
+        model._sd_step_graph = g = cls(model, cache, B, S)
+        return g
 
     def start(self, tok, pos, cpos:int, mask):
         "Set the buffers for a batch: its first new token, that token's position, its cache slot, the attention mask."
@@ -272,13 +276,18 @@ def decode_greedy(model,                 # a causal LM (merged or plain; PEFT-wr
     S = W + max_new_tokens if cache_len is None else cache_len
     if S < W + max_new_tokens: raise ValueError(f"cache_len={S} cannot hold a prompt of {W} tokens and {max_new_tokens} new ones")
     cache = _static_cache(model, B, S)    # the compiled step depends on (B, S) only, not on the prompt width W
-    own = compile and capture == 'own' and ids.device.type == 'cuda'
-    graph = _StepGraph.of(model, cache, B, S) if own else None   # captured before the prefill writes the cache
+    own = compile and capture == 'own' and ids.device.type == 'cuda' and max_new_tokens > 1
     full = torch.cat([mask, mask.new_ones(B, S - W)], 1)    # constant: causality hides the positions not yet written
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cpos = torch.arange(S, device=ids.device)
-    logits = model(input_ids=ids, position_ids=pos, cache_position=cpos[:W], attention_mask=full, use_cache=True,
-                   logits_to_keep=1, **{_cache_arg(): cache}).logits
+    prefill = lambda: model(input_ids=ids, position_ids=pos, cache_position=cpos[:W], attention_mask=full, use_cache=True,
+                            logits_to_keep=1, **{_cache_arg(): cache}).logits
+    graph = _StepGraph.held(model, cache) if own else None
+    logits = prefill()                    # also sets the cache up (transformers allocates a static layer at its first write)
+    if own and graph is None:             # the run's first batch: capture the step, then empty the cache its warm-up wrote
+        graph = _StepGraph.capture(model, cache, B, S)   # into (transformers 5 writes at the layer's own counter, not at
+        cache.reset()                                    # cache_position) and read the prompt again
+        logits = prefill()
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=ids.device)
     tok = logits[:, -1].argmax(-1, keepdim=True)    # (B, 1), contiguous: every step gets an input of one layout
     out[:, :1] = tok

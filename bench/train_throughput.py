@@ -216,7 +216,7 @@ def run_setup(name:str, model, cfg, n_matmul:int, steps:int, seq_len:int, world:
     if cuda: torch.cuda.empty_cache()
     return res, model
 
-def run_group(folder:Path, setups:list, steps:int, seq_len:int, profile=()) -> list:
+def run_group(folder:Path, setups:list, steps:int, seq_len:int, profile=(), warm:bool=True) -> list:
     "Load the base once (4-bit or bf16, as the set-ups need) and run `setups` on it in order."
     from transformers import AutoConfig
     from stockdistill.generate import load_base
@@ -228,6 +228,8 @@ def run_group(folder:Path, setups:list, steps:int, seq_len:int, profile=()) -> l
     model = load_base(str(folder), load_in_4bit=SETUPS[setups[0]][0])
     if torch.cuda.is_available() and not SETUPS[setups[0]][0]: model.to(f'cuda:{state.local_process_index}')
     print(f"loaded {folder.name} ({'4-bit' if SETUPS[setups[0]][0] else 'bf16'}) in {time.time() - t0:.0f}s", flush=True)
+    if warm:   # the first set-up of a process ran 12-20 % slower than later in it (see `--warm`): run it once untimed
+        model = run_setup(setups[0], model, cfg, n_matmul, steps, seq_len, state.num_processes, ())[1]
     out = []
     for name in setups:
         r, model = run_setup(name, model, cfg, n_matmul, steps, seq_len, state.num_processes, profile)
@@ -247,13 +249,16 @@ def main(argv=None):
     p.add_argument('--folder', default=None, help='where to save the random model (default: a temporary folder)')
     p.add_argument('--json', default=None, help='also write the results to this file')
     p.add_argument('--profile', default='', help='comma-separated set-ups whose third step is profiled (GPU kernels table)')
+    p.add_argument('--warm', type=int, default=1, help="run each process's first set-up once untimed first (1) or not (0). On the "
+                   "H200 the first set-up of a process ran 12-20 %% slower than the same set-up after another (new: 35.6 %% MFU "
+                   "first, 46.5 %% second), which made the order of --setups decide comparisons")
     p.add_argument('--group', default=None, help=argparse.SUPPRESS)   # internal: run one load group in this process
     a = p.parse_args(argv)
     if not torch.cuda.is_available(): torch.set_num_threads(os.cpu_count() or 1)
     setups = [s for s in a.setups.split(',') if s]
     if bad := [s for s in setups if s not in SETUPS]: p.error(f"unknown set-up(s) {bad}: use {', '.join(SETUPS)}")
     if a.group:   # a child process: one base, several set-ups
-        res = run_group(Path(a.folder), setups, a.steps, a.seq_len, a.profile.split(','))
+        res = run_group(Path(a.folder), setups, a.steps, a.seq_len, a.profile.split(','), bool(a.warm))
         Path(a.json).write_text(json.dumps(res))
         return res
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,7 +271,8 @@ def main(argv=None):
         for g in groups:
             js = Path(tmp)/f"group{len(results)}.json"
             cmd = [sys.executable, __file__, '--group', '1', '--folder', str(folder), '--setups', ','.join(g),
-                   '--steps', str(a.steps), '--seq-len', str(a.seq_len), '--shape', a.shape, '--json', str(js), '--profile', a.profile]
+                   '--steps', str(a.steps), '--seq-len', str(a.seq_len), '--shape', a.shape, '--json', str(js), '--profile', a.profile,
+                   '--warm', str(a.warm)]
             r = subprocess.run(cmd)
             if r.returncode == 0: results += json.loads(js.read_text())
             else: print(f"set-ups {g} failed (exit {r.returncode})", flush=True)

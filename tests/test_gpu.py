@@ -50,7 +50,10 @@ def test_own_graph_fills_the_cache_as_the_eager_loop(student, slack):
     d = n if same.all() else int((~same).nonzero()[0])      # the first step where a row's token differs (a float32 near-tie)
     filled = width + d - 1                                    # the prompt, and the input tokens of the steps before it
     assert d > n//2 and filled > width
-    assert torch.allclose(cache_keys(model)[:, :, :filled], keys[:, :, :filled], rtol=1e-3, atol=1e-4)
+    got = cache_keys(model)
+    assert torch.equal(got[:, :, :width], keys[:, :, :width])     # the prompt: the same eager prefill, in the same slots
+    diff = (got[:, :, width:filled].float() - keys[:, :, width:filled].float()).norm()/keys[:, :, width:filled].float().norm()
+    assert diff < 2e-2                                        # decoded slots: inductor's kernels vs eager, bf16 rounding
 
 
 def test_own_graph_decodes_what_the_eager_loop_decodes(student):

@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 import torch
@@ -347,7 +348,9 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
     own_loop = compiled and not do_sample and not gen_kwargs   # greedy: our static-cache loop; else transformers' generate
     if merge and hasattr(model, 'merge_and_unload'): model = model.merge_and_unload()
     model.eval()
-    fused = fuse_projections(model) if fuse else 0
+    try: fused = fuse_projections(model) if fuse else 0
+    except RuntimeError as e:   # the model was restored: answer unfused rather than lose the run
+        fused = 0; warnings.warn(f"{e}; generating without fused projections")
     rows = encode_prompts(tokenizer, prompts, prompt_format)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

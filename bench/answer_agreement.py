@@ -24,6 +24,14 @@ def first_difference(a:list, b:list):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
+def run_inputs(run:Path, limit:int=None) -> tuple:
+    "A finished run's config, its first teacher's cleaned validation records (the first `limit`) and that file's path."
+    cfg = json.loads((run/'config.json').read_text())
+    data = sorted(run.glob('teachers/*/cleaned_val_labeled_data.jsonl'))
+    if not data: raise SystemExit(f"{run}: no teachers/*/cleaned_val_labeled_data.jsonl (is it a finished run folder?)")
+    return cfg, read_records(data[0])[:limit], data[0]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('run', help='a finished run folder (config.json, lora_adapter/, teachers/<name>/cleaned_val_*.jsonl)')
@@ -31,14 +39,11 @@ def main():
     ap.add_argument('--json', help='also write the figures to this JSON file')
     a = ap.parse_args()
     run = Path(a.run)
-    cfg = json.loads((run/'config.json').read_text())
-    data = sorted(run.glob('teachers/*/cleaned_val_labeled_data.jsonl'))
-    if not data: raise SystemExit(f"{run}: no teachers/*/cleaned_val_labeled_data.jsonl (is it a finished run folder?)")
-    records = read_records(data[0])[:a.limit]
+    cfg, records, data = run_inputs(run, a.limit)
     prompts = [r['prompt'] for r in records]
     model, tok = load_model(str(run/'lora_adapter'), merge=torch.cuda.is_available())
     if torch.cuda.is_available(): model.to('cuda')
-    print(f"{len(prompts)} validation prompts of {data[0].parent.name}; student on {model.device}; "
+    print(f"{len(prompts)} validation prompts of {data.parent.name}; student on {model.device}; "
           f"max_new_tokens {cfg['max_new_tokens']}, batch {cfg['gen_batch_size']}", flush=True)
     ways, answers, figures = {'one by one, eager': dict(batch_size=1, compile=False),
                               'batched, compiled': dict(batch_size=cfg['gen_batch_size'], compile=True)}, {}, {}

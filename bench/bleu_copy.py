@@ -16,19 +16,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from answer_agreement import run_inputs
 from bleu_numbers import exact_ma
 from stockdistill.evaluate import score_answers
-from stockdistill.generate import generate_answers, load_student
+from stockdistill.generate import generate_answers, load_model, load_student
 from stockdistill.prompt import parse_prompt
 
 CHANGE = re.compile(r'累计(涨幅|跌幅)(\d+\.\d+)%')
 CLOSE = re.compile(r'收于(\d+\.\d+)元')
 
 
+def prompt_numbers(prompt:str) -> tuple:
+    "The window's change as the prompt prints it ('+11.99') and the window's closes."
+    return re.search(r'涨跌幅: ([+-]?\d+\.\d+)%', prompt).group(1), parse_prompt(prompt)[1]['close'].astype(float).to_numpy()
+
+
 def copied(answer:str, prompt:str) -> dict:
     "The answer with the prompt's numbers put in: the window's change, then also the last close, then also MA5/MA10."
-    change = re.search(r'涨跌幅: ([+-]?\d+\.\d+)%', prompt).group(1)
-    closes = parse_prompt(prompt)[1]['close'].astype(float).to_numpy()
+    change, closes = prompt_numbers(prompt)
     a = CHANGE.sub(lambda m: f"累计{'跌幅' if change.startswith('-') else '涨幅'}{change.lstrip('+-')}%", answer)
     b = CLOSE.sub(f"收于{closes[-1]:.2f}元", a)
     return {'change': a, 'change+close': b, 'change+close+MA5/MA10': exact_ma(b, closes)}
@@ -38,23 +43,22 @@ def copy_counts(answers:list, recs:list) -> dict:
     "How many answers quote the window's change and the close at all, and how many write them as the prompt has them."
     n = dict(change_quoted=0, change_copied=0, close_quoted=0, close_copied=0)
     for ans, r in zip(answers, recs):
-        m, c = CHANGE.search(ans), CLOSE.search(ans)
+        (change, closes), m, c = prompt_numbers(r['prompt']), CHANGE.search(ans), CLOSE.search(ans)
         n['change_quoted'] += bool(m); n['close_quoted'] += bool(c)
-        n['change_copied'] += bool(m and m.group(2) == re.search(r'涨跌幅: [+-]?(\d+\.\d+)%', r['prompt']).group(1))
-        n['close_copied'] += bool(c and abs(float(c.group(1)) - parse_prompt(r['prompt'])[1]['close'].astype(float).iloc[-1]) < 1e-9)
+        n['change_copied'] += bool(m and m.group(2) == change.lstrip('+-'))
+        n['close_copied'] += bool(c and abs(float(c.group(1)) - closes[-1]) < 1e-9)
     return n
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('run', help='a run folder of `stockdistill distill` (lora_adapter/, teachers/rule/)')
+    ap.add_argument('run', help='a finished run folder of `stockdistill distill` (config.json, lora_adapter/, teachers/<name>/cleaned_val_*.jsonl)')
     ap.add_argument('--out', help='write the figures to this JSON file')
     a = ap.parse_args()
     run = Path(a.run)
-    cfg = json.loads((run/'config.json').read_text(encoding='utf-8'))
-    recs = [json.loads(l) for l in open(run/'teachers/rule/cleaned_val_labeled_data.jsonl', encoding='utf-8')]
+    cfg, recs, _ = run_inputs(run)
     torch.set_num_threads(2)
-    model, tok = load_student(cfg['student'], adapter=str(run/'lora_adapter'))
+    model, tok = load_model(str(run/'lora_adapter'))
     answers = generate_answers(model, tok, [r['prompt'] for r in recs], batch_size=cfg['gen_batch_size'],
                                max_new_tokens=cfg['max_new_tokens'])
     base = load_student(cfg['student'])

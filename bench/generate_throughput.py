@@ -122,20 +122,19 @@ def gpu_suite(model, tok, prompts, a):
 
 
 def gemv_rates(model, repeat:int=50):
-    "Time each distinct weight shape of one layer and the output head as a batch-1 product, and print the memory bandwidth it reaches."
-    layer, rows = model.model.layers[0], {}
-    for name, m in [*layer.named_modules(), ('lm_head', model.lm_head)]:
-        if isinstance(m, torch.nn.Linear): rows.setdefault(tuple(m.weight.shape), (name, m.weight))
+    """The model's own weights as batch-1 products, each shape of a layer and the output head, and the memory bandwidth
+    each reaches (`gemv.rate`, rotating over the layers' copies of a weight so that none is read from the L2 cache)."""
+    from gemv import WAYS, rate
+    rows = {}
+    for name, m in [*model.model.layers[0].named_modules(), ('lm_head', model.lm_head)]:
+        if isinstance(m, torch.nn.Linear):
+            ws = [model.lm_head.weight] if name == 'lm_head' else [l.get_submodule(name).weight for l in model.model.layers]
+            rows.setdefault(tuple(m.weight.shape), (name, ws))
     print("batch-1 products (the weight read once):", flush=True)
-    for shape, (name, w) in rows.items():
-        x = torch.randn(1, 1, w.shape[1], device=w.device, dtype=w.dtype)
-        for _ in range(3): torch.nn.functional.linear(x, w)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat): torch.nn.functional.linear(x, w)
-        end.record(); torch.cuda.synchronize()
-        us = start.elapsed_time(end)*1e3/repeat
-        print(f"  {name:28s} {str(shape):16s} {us:8.1f} us  {w.numel()*w.element_size()/us/1e3:7.0f} GB/s", flush=True)
+    for shape, (name, ws) in rows.items():
+        x = torch.randn(1, ws[0].shape[1], device=ws[0].device, dtype=ws[0].dtype)
+        us = rate(WAYS['F.linear(x, W)'], x, ws, repeat)
+        print(f"  {name:28s} {str(shape):16s} {us:8.1f} us  {ws[0].numel()*ws[0].element_size()/us/1e3:7.0f} GB/s", flush=True)
 
 
 def many_answers(model, tok, prompts, a, clock, out):

@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 quiet() { grep -v -iE "warn|it/s\]|Loading weights"; }
 case ${1:-} in
-  train) timeout ${TRAIN_TIMEOUT:-570} $py bench/train_throughput.py --shape qwen1.5-7b --seq-len 2048 --steps 5 --folder /tmp/q7 \
+  train) timeout ${TRAIN_TIMEOUT:-570} $py bench/train_throughput.py --shape qwen1.5-7b --seq-len 2048 --steps ${STEPS:-12} --folder /tmp/q7 \
            --setups "${SETUPS:-seed,previous,anchor,new,new-unfused,qlora-new}" --profile "${PROFILE:-}" \
            --json "$out/train.json" 2>&1 | tee "$out/train.log" | quiet ;;
   gen|genonly) (cd bench && timeout ${GEN_TIMEOUT:-330} $py generate_throughput.py --shape qwen1.5-7b --prompts 64 --batch-size 64 \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of issues #16 and #20 on a lent H200, in parts that each fit one device call:
-#   bash bench/gpu_suite.sh train   # bench/train_throughput.py: seed / previous / anchor / new set-ups, Qwen1.5-7B shape
+#   bash bench/gpu_suite.sh train   # bench/train_throughput.py: seed / previous / anchor / new set-ups, Qwen1.5-7B shape, 12 steps (STEPS=n)
 #                                   # (SETUPS=a,b to choose, PROFILE=a to print one step's costliest kernels)
 #   bash bench/gpu_suite.sh gen     # bench/generate_throughput.py GPU suite + bench/kd_throughput.py (32B teacher, 7B student)
 #   bash bench/gpu_suite.sh genonly # the generation suite alone (GEN_ARGS='--skip-eager --profile' etc. passed on)

@@ -21,12 +21,12 @@ python3 -m stockdistill.embedded corpus --out "$corpus" --workers "${WORKERS:-$(
   > "$out/pretrain.log" 2>&1 || { tail -20 "$out/pretrain.log"; exit 1; }
 cp "$corpus/corpus_stats.json" "$out/"
 echo "corpus in $(( $(date +%s) - t0 )) s: $(tr -d '\n ' < "$corpus/corpus_stats.json" | cut -c1-300)"
-for s in ${STEPS:-1339}; do
+for s in ${STEPS:-2000}; do
   python3 -m stockdistill.embedded pretrain --corpus "$corpus" --role base --out "/tmp/base-$s" --steps "$s" \
     --batch-size 128 --lr 3e-3 --log-every 500 > "/tmp/base-$s.log" 2>&1 &
 done
 wait
-for s in ${STEPS:-1339}; do
+for s in ${STEPS:-2000}; do
   mkdir -p "$out/base-$s"; cp /tmp/base-$s/{config.json,model.safetensors,pretrain_summary.json} "$out/base-$s/"
   grep -E "^\[base\]|^\{" "/tmp/base-$s.log" | tee -a "$out/pretrain.log" | cut -c1-600
 done

@@ -10,11 +10,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/pretrain_base}; mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+WHEELS=.whl source bench/_gpu_env.sh     # transformers 5.24 and fastcore from .whl/, offline environment
 corpus=${CORPUS:-/tmp/embedded}
 t0=$(date +%s)
 python3 -m stockdistill.embedded corpus --out "$corpus" --workers "${WORKERS:-$(nproc)}" --tokenizer stockdistill/assets/tiny_base \

@@ -20,8 +20,8 @@ from .rope import scale_rope
 # %% auto #0
 __all__ = ['EMBEDDED_STUDENT', 'PROMPT_FORMATS', 'CAPTURES', 'PROJECTION_GROUPS', 'ANSWER_FNS', 'strip_echo', 'use_4bit',
            'fsdp_launch', 'load_base', 'resolve_base', 'record_base', 'load_student', 'load_model', 'eos_ids',
-           'cut_at_eos', 'encode_prompts', 'prefilled_cache', 'decode_greedy', 'generate_answers', 'fuse_projections',
-           'answer_fn']
+           'cut_at_eos', 'encode_prompts', 'prefilled_cache', 'decode_greedy', 'generate_answers', 'FusionRefused',
+           'fuse_projections', 'answer_fn']
 
 # %% ../nbs/02b_generate.ipynb #46dcfca6
 def strip_echo(text:str) -> str:
@@ -349,7 +349,7 @@ def generate_answers(model,                   # a causal LM (PEFT-wrapped or pla
     if merge and hasattr(model, 'merge_and_unload'): model = model.merge_and_unload()
     model.eval()
     try: fused = fuse_projections(model) if fuse else 0
-    except RuntimeError as e:   # the model was restored: answer unfused rather than lose the run
+    except FusionRefused as e:   # the model was restored: answer unfused rather than lose the run
         fused = 0; warnings.warn(f"{e}; generating without fused projections")
     rows = encode_prompts(tokenizer, prompts, prompt_format)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
@@ -432,6 +432,9 @@ def _own_product_error(model, fused:list, probe) -> float:
         for h in hooks: h.remove()
     return max(errs) if len(errs) >= sum(len(f.layers) for f in fused) else float('inf')   # a layer that never ran fails too
 
+class FusionRefused(RuntimeError):
+    "`fuse_projections` found a fused layer that does not return its own product; the model was restored unfused."
+
 def fuse_projections(model,                # a causal LM used only to generate from now on (its weights move; do not train or save it)
                      probe_len:int=16,     # tokens of the check run
                      tol:float=1e-2):      # largest relative error of a fused layer's output allowed (bf16 rounding is ~1e-3)
@@ -452,8 +455,8 @@ def fuse_projections(model,                # a causal LM used only to generate f
     except RuntimeError as e: err, why = float('inf'), str(e)
     if err > tol:
         for f in fused: f.undo()
-        raise RuntimeError(f"fused projections change this model's output ({why or f'relative error {err:.2e} of a fused layer'}); "
-                           "it was restored unfused")
+        raise FusionRefused(f"fused projections change this model's output ({why or f'relative error {err:.2e} of a fused layer'}); "
+                            "it was restored unfused")
     return len(fused)
 
 # %% ../nbs/02b_generate.ipynb #2cdf13e3

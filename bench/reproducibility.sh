@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 for spec in "repro-a:2" "repro-b:2" "repro-t1:1"; do
   name=${spec%%:*}; threads=${spec##*:}
-  THREADS=$threads bash bench/pipeline.sh "$name" | grep -E "^(METRICS|wall|machine)" | sed "s/^/[$name] /"
+  THREADS=$threads bash bench/pipeline.sh "$name" | tee "runs/$name.bench.txt" | grep -E "^(METRICS|wall|machine)" | sed "s/^/[$name] /"
 done
 .venv/bin/python - <<'PY'
 import json

@@ -18,12 +18,12 @@ from .prompt import format_example
 from .train import CHAT_TOKENS, CHATML_TEMPLATE, TINY_SPECIALS
 
 # %% auto #0
-__all__ = ['PATTERN_PARTS', 'NUMBER_PATTERN', 'BASE_PERSONAS', 'EMBEDDED_SHAPES', 'EMBEDDED_BASE', 'EMBEDDED_TEACHER',
-           'train_embedded_tokenizer', 'training_windows', 'base_persona', 'corpus_record', 'assert_disjoint',
-           'encode_corpus', 'corpus_examples', 'embedded_model', 'batch_tensors', 'weighted_lm_loss',
-           'predicted_directions', 'pretrain', 'build_corpus', 'build_dataset_quiet', 'load_eval_set', 'package_model',
-           'keep_tokenizer_class', 'folder_mb', 'model_card', 'VocabMismatchError', 'check_same_vocab', 'tiny_teacher',
-           'main', 'measure_model']
+__all__ = ['PATTERN_PARTS', 'NUMBER_PATTERN', 'BASE_PERSONAS', 'CONTEXT_SHARE', 'EMBEDDED_SHAPES', 'EMBEDDED_BASE',
+           'EMBEDDED_TEACHER', 'train_embedded_tokenizer', 'training_windows', 'base_persona', 'with_context',
+           'corpus_record', 'assert_disjoint', 'encode_corpus', 'corpus_examples', 'embedded_model', 'batch_tensors',
+           'weighted_lm_loss', 'predicted_directions', 'pretrain', 'build_corpus', 'build_dataset_quiet',
+           'load_eval_set', 'package_model', 'keep_tokenizer_class', 'folder_mb', 'model_card', 'VocabMismatchError',
+           'check_same_vocab', 'tiny_teacher', 'main', 'measure_model']
 
 # %% ../nbs/10_embedded.ipynb #68eb433a
 PATTERN_PARTS = dict(
@@ -91,14 +91,22 @@ def base_persona(prompt:str) -> str:
     "The persona that answers `prompt` in the base's corpus, chosen deterministically from the prompt."
     return BASE_PERSONAS[int(hashlib.sha1(prompt.encode()).hexdigest(), 16) % len(BASE_PERSONAS)]
 
-def corpus_record(code:str, bars, start:int, end:int) -> dict:
+CONTEXT_SHARE = 0.5   # share of corpus windows whose prompt starts with the indicators block (`--context indicators`)
+
+def with_context(code:str, start:int, end:int, share:float=CONTEXT_SHARE) -> bool:
+    "Whether the corpus window `code, start..end` carries the indicators block, chosen deterministically."
+    return int(hashlib.sha1(f'{code}|{start}|{end}|context'.encode()).hexdigest(), 16) % 1000 < share*1000
+
+def corpus_record(code:str, bars, start:int, end:int,
+                  indicators=None) -> dict: # `add_indicators(bars)`: with it, a `with_context` window gets the indicators block
     "One window of the corpus: its prompt, the base persona's answer and the `balanced` answer."
-    from stockdistill.prompt import make_prompt, window_slice
+    from stockdistill.prompt import make_prompt, window_slice, indicator_block
     from stockdistill.personas import PERSONAS, prompt_signals
-    prompt = make_prompt(code, window_slice(bars, start, end))
+    ctx = [indicator_block(indicators.iloc[end])] if indicators is not None and end >= 25 and with_context(code, start, end) else []
+    prompt = make_prompt(code, window_slice(bars, start, end), context=ctx)
     s, who = prompt_signals(prompt), base_persona(prompt)
     answer = lambda name: json.dumps(PERSONAS[name].answer(s, prompt)[0], ensure_ascii=False)
-    return dict(code=code, end=f"{bars['date'].iloc[end]:%Y-%m-%d}", n=end - start + 1, prompt=prompt,
+    return dict(code=code, end=f"{bars['date'].iloc[end]:%Y-%m-%d}", n=end - start + 1, prompt=prompt, context=bool(ctx),
                 persona=who, base=answer(who), teacher=answer('balanced'))
 
 # %% ../nbs/10_embedded.ipynb #874ad95b
@@ -285,11 +293,14 @@ def pretrain(corpus,                      # .npz from `encode_corpus`, or its ar
 _BARS = {}
 
 def _record_job(job:tuple) -> dict:
-    "`corpus_record` for one `(code, start, end)`, bars loaded once per worker process."
-    from stockdistill.data import load_bars
+    "`corpus_record` for one `(code, start, end)`, bars and their indicators loaded once per worker process."
+    from stockdistill.data import load_bars, add_indicators
     code, st, en = job
-    if code not in _BARS: _BARS[code] = load_bars(code)
-    return corpus_record(code, _BARS[code], st, en)
+    if code not in _BARS:
+        bars = load_bars(code)
+        _BARS[code] = bars, add_indicators(bars)
+    bars, ind = _BARS[code]
+    return corpus_record(code, bars, st, en, ind)
 
 def build_corpus(out_dir,                # folder for tokenizer/, corpus.npz, eval.jsonl, corpus_stats.json
                  vocab_size:int=4096,    # tokenizer vocabulary
@@ -325,6 +336,7 @@ def build_corpus(out_dir,                # folder for tokenizer/, corpus.npz, ev
     full = arrays['n_days'] == 30
     stats = dict(windows=len(records), windows_30d=int(full.sum()), last_end=max(r['end'] for r in records), val_start=val_start,
                  personas={p: sum(r['persona'] == p for r in records) for p in BASE_PERSONAS}, vocab=len(tok),
+                 with_indicators_block=sum(r['context'] for r in records),
                  prompt_tokens=int(lens('prompt').sum()), base_answer_tokens=int(lens('base').sum()),
                  teacher_answer_tokens=int(lens('teacher').sum()),
                  tokens_per_30d_prompt=round(float(lens('prompt')[full].mean()), 1),

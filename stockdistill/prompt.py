@@ -15,8 +15,8 @@ from .data import add_indicators
 # %% auto #0
 __all__ = ['TEMPLATE_VERSION', 'INSTRUCTION', 'PRICE_FIELDS', 'INDICATOR_DECIMALS', 'CONTEXT_PROVIDERS', 'ANSWER_MARK',
            'day_objects', 'window_change', 'format_change', 'make_prompt', 'parse_prompt', 'prompt_context',
-           'window_slice', 'count_tokens', 'fit_prompt', 'context_blocks', 'indicator_context', 'window_prompt',
-           'format_example', 'label_text']
+           'window_slice', 'count_tokens', 'fit_prompt', 'context_blocks', 'indicator_block', 'indicator_context',
+           'window_prompt', 'format_example', 'label_text']
 
 # %% ../nbs/01a_prompt.ipynb #2052fb2e
 TEMPLATE_VERSION = 1
@@ -173,6 +173,11 @@ def context_blocks(cfg:DistillConfig,  # run settings; `cfg.contexts` names the 
 # %% ../nbs/01a_prompt.ipynb #20cfecbb
 _IND_BARS = {}   # (data source, start, end, code) -> bars with indicators, loaded once per process
 
+def indicator_block(row) -> str:
+    "The indicators block for one row of `add_indicators` output: MA5, MA10 and MACD (DIF, DEA, histogram) at its close."
+    return (f"技术指标（{pd.Timestamp(row['date']):%Y-%m-%d}收盘）：MA5 {row['ma5']:.2f}，MA10 {row['ma10']:.2f}，"
+            f"MACD DIF {row['dif']:.3f}、DEA {row['dea']:.3f}、柱 {row['macd']:.3f}。")
+
 @CONTEXT_PROVIDERS.register('indicators')
 def indicator_context(code:str, asof, cfg:DistillConfig):
     "Context provider: MA5, MA10 and MACD (DIF, DEA, histogram) at the last close on or before `asof`; None without 26 bars."
@@ -182,9 +187,7 @@ def indicator_context(code:str, asof, cfg:DistillConfig):
     hist = _IND_BARS[key]
     hist = hist[hist['date'] <= pd.Timestamp(asof)]
     if len(hist) < 26: return None
-    r = add_indicators(hist.reset_index(drop=True)).iloc[-1]
-    return (f"技术指标（{r['date']:%Y-%m-%d}收盘）：MA5 {r['ma5']:.2f}，MA10 {r['ma10']:.2f}，"
-            f"MACD DIF {r['dif']:.3f}、DEA {r['dea']:.3f}、柱 {r['macd']:.3f}。")
+    return indicator_block(add_indicators(hist.reset_index(drop=True)).iloc[-1])
 
 # %% ../nbs/01a_prompt.ipynb #c0a1f005
 def window_prompt(code:str,               # stock code

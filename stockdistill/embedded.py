@@ -102,7 +102,8 @@ def corpus_record(code:str, bars, start:int, end:int,
     "One window of the corpus: its prompt, the base persona's answer and the `balanced` answer."
     from stockdistill.prompt import make_prompt, window_slice, indicator_block
     from stockdistill.personas import PERSONAS, prompt_signals
-    ctx = [indicator_block(indicators.iloc[end])] if indicators is not None and end >= 25 and with_context(code, start, end) else []
+    enough = end + 1 >= 26   # MACD needs 26 bars of history, as `indicator_context` asks
+    ctx = [indicator_block(indicators.iloc[end])] if indicators is not None and enough and with_context(code, start, end) else []
     prompt = make_prompt(code, window_slice(bars, start, end), context=ctx)
     s, who = prompt_signals(prompt), base_persona(prompt)
     answer = lambda name: json.dumps(PERSONAS[name].answer(s, prompt)[0], ensure_ascii=False)

@@ -2,7 +2,8 @@
 # Variants of the quick start (`make run`) side by side on a many-core machine's CPUs, two torch threads each, and one
 # table of their metrics (issue #13: which recipe reaches the targets in five minutes on 2 cores).
 #   SPECS="w48:--windows 48 --epochs 1;ctx:--context indicators" bash bench/quickstart_sweep.sh
-#   each spec is name:extra-flags, added to the quick start's first flags; runs/sweep-<name> hold the runs, and each
+#   each spec is name:extra-flags, added after `base` below (the quick start's flags before 2026-12-03: --windows 16, the
+#   preset's 3 epochs, no indicator line; today's `make run` is the spec '--context indicators --windows 48 --epochs 1.5'); runs/sweep-<name> hold the runs, and each
 #   run's line goes to $OUT/sweep.txt as it ends (so a sweep cut off by a time limit keeps the runs that finished)
 #   JOBS=n   runs at most n at once (default: cores / 2); PYTHON=... the interpreter (default .venv/bin/python, else python3)
 # On the lent GPU machine: CUDA_VISIBLE_DEVICES= keeps the runs on its CPUs; carry .whlp for the packages it lacks.

@@ -100,9 +100,9 @@ def with_context(code:str, start:int, end:int, share:float=CONTEXT_SHARE) -> boo
 def corpus_record(code:str, bars, start:int, end:int,
                   indicators=None) -> dict: # `add_indicators(bars)`: with it, a `with_context` window gets the indicators block
     "One window of the corpus: its prompt, the base persona's answer and the `balanced` answer."
-    from stockdistill.prompt import make_prompt, window_slice, indicator_block
+    from stockdistill.prompt import make_prompt, window_slice, indicator_block, INDICATOR_MIN_BARS
     from stockdistill.personas import PERSONAS, prompt_signals
-    enough = end + 1 >= 26   # MACD needs 26 bars of history, as `indicator_context` asks
+    enough = end + 1 >= INDICATOR_MIN_BARS   # the history the block needs, as `indicator_context` asks
     ctx = [indicator_block(indicators.iloc[end])] if indicators is not None and enough and with_context(code, start, end) else []
     prompt = make_prompt(code, window_slice(bars, start, end), context=ctx)
     s, who = prompt_signals(prompt), base_persona(prompt)

@@ -13,10 +13,10 @@ from .config import DistillConfig, Registry
 from .data import add_indicators
 
 # %% auto #0
-__all__ = ['TEMPLATE_VERSION', 'INSTRUCTION', 'PRICE_FIELDS', 'INDICATOR_DECIMALS', 'CONTEXT_PROVIDERS', 'ANSWER_MARK',
-           'day_objects', 'window_change', 'format_change', 'make_prompt', 'parse_prompt', 'prompt_context',
-           'window_slice', 'count_tokens', 'fit_prompt', 'context_blocks', 'indicator_block', 'indicator_context',
-           'window_prompt', 'format_example', 'label_text']
+__all__ = ['TEMPLATE_VERSION', 'INSTRUCTION', 'PRICE_FIELDS', 'INDICATOR_DECIMALS', 'CONTEXT_PROVIDERS', 'INDICATOR_MIN_BARS',
+           'ANSWER_MARK', 'day_objects', 'window_change', 'format_change', 'make_prompt', 'parse_prompt',
+           'prompt_context', 'window_slice', 'count_tokens', 'fit_prompt', 'context_blocks', 'indicator_block',
+           'indicator_context', 'window_prompt', 'format_example', 'label_text']
 
 # %% ../nbs/01a_prompt.ipynb #2052fb2e
 TEMPLATE_VERSION = 1
@@ -172,6 +172,7 @@ def context_blocks(cfg:DistillConfig,  # run settings; `cfg.contexts` names the 
 
 # %% ../nbs/01a_prompt.ipynb #20cfecbb
 _IND_BARS = {}   # (data source, start, end, code) -> bars with indicators, loaded once per process
+INDICATOR_MIN_BARS = 26   # bars of history the indicators block needs (MACD's slow EMA)
 
 def indicator_block(row) -> str:
     "The indicators block for one row of `add_indicators` output: MA5, MA10 and MACD (DIF, DEA, histogram) at its close."
@@ -180,13 +181,13 @@ def indicator_block(row) -> str:
 
 @CONTEXT_PROVIDERS.register('indicators')
 def indicator_context(code:str, asof, cfg:DistillConfig):
-    "Context provider: MA5, MA10 and MACD (DIF, DEA, histogram) at the last close on or before `asof`; None without 26 bars."
+    "Context provider: MA5, MA10 and MACD (DIF, DEA, histogram) at the last close on or before `asof`; None without `INDICATOR_MIN_BARS` bars."
     from stockdistill.data import load_bars
     key = (cfg.data_source, cfg.start, cfg.end, code)
     if key not in _IND_BARS: _IND_BARS[key] = load_bars(code, source=cfg.data_source, start=cfg.start, end=cfg.end)
     hist = _IND_BARS[key]
     hist = hist[hist['date'] <= pd.Timestamp(asof)]
-    if len(hist) < 26: return None
+    if len(hist) < INDICATOR_MIN_BARS: return None
     return indicator_block(add_indicators(hist.reset_index(drop=True)).iloc[-1])
 
 # %% ../nbs/01a_prompt.ipynb #c0a1f005

@@ -94,6 +94,7 @@ class DistillConfig:
     pack:Optional[bool]=None        # padding-free batches: examples end to end in one row, positions restarting; None: off (length-grouped padded batches)
     liger:Optional[bool]=None       # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA; None: when liger-kernel is installed
     fused_lora:Optional[bool]=None  # each LoRA layer's forward and backward as one autograd function (no fp32 copies of activations); None: on CUDA
+    val_loss_limit:Optional[int]=None # the validation loss during training reads at most this many validation windows, spread evenly over them (None: all)
     out:str='lora_adapter'          # adapter folder, relative to the run folder unless absolute
     # evaluation
     max_new_tokens:int=256          # generation budget per answer
@@ -139,6 +140,7 @@ def validate(self:DistillConfig):
               ('lora_r', pos(self.lora_r), 'must be at least 1'),
               ('max_new_tokens', self.max_new_tokens >= 1, 'must be at least 1'),
               ('gen_batch_size', self.gen_batch_size >= 1, 'must be at least 1'),
+              ('val_loss_limit', pos(self.val_loss_limit), 'must be positive'),
               ('eval_limit', pos(self.eval_limit), 'must be positive'),
               ('skip_teacher', not (self.skip_teacher and self.overwrite), 'cannot be combined with overwrite')]
     for name, ok, why in checks:

@@ -184,11 +184,12 @@ def indicator_context(code:str, asof, cfg:DistillConfig):
     "Context provider: MA5, MA10 and MACD (DIF, DEA, histogram) at the last close on or before `asof`; None without `INDICATOR_MIN_BARS` bars."
     from stockdistill.data import load_bars
     key = (cfg.data_source, cfg.start, cfg.end, code)
-    if key not in _IND_BARS: _IND_BARS[key] = load_bars(code, source=cfg.data_source, start=cfg.start, end=cfg.end)
-    hist = _IND_BARS[key]
-    hist = hist[hist['date'] <= pd.Timestamp(asof)]
-    if len(hist) < INDICATOR_MIN_BARS: return None
-    return indicator_block(add_indicators(hist.reset_index(drop=True)).iloc[-1])
+    if key not in _IND_BARS:   # once per stock: every indicator is causal (rolling means, recursive EMAs), so a row reads no later bar
+        _IND_BARS[key] = add_indicators(load_bars(code, source=cfg.data_source, start=cfg.start, end=cfg.end).reset_index(drop=True))
+    ind = _IND_BARS[key]
+    n = int((ind['date'] <= pd.Timestamp(asof)).sum())   # the bars are sorted by date
+    if n < INDICATOR_MIN_BARS: return None
+    return indicator_block(ind.iloc[n-1])
 
 # %% ../nbs/01a_prompt.ipynb #c0a1f005
 def window_prompt(code:str,               # stock code

@@ -24,7 +24,8 @@ __all__ = ['TINY_SPECIALS', 'CHAT_TOKENS', 'CHATML_TEMPLATE', 'TINY_SAVE', 'TINY
            'LIGER_KERNELS', 'METHODS', 'train_tiny_tokenizer', 'build_tiny_student', 'LabelCollator',
            'answer_positions', 'answer_only_loss', 'load_labeled', 'add_lora', 'LoraLinearFn', 'fuse_lora',
            'tiny_epochs', 'resolve_training', 'ProgressCallback', 'liger_available', 'training_arguments',
-           'train_memory_gib', 'needs_checkpointing', 'training_fingerprint', 'resume_point', 'train_student']
+           'train_memory_gib', 'needs_checkpointing', 'training_fingerprint', 'resume_point', 'spread_rows',
+           'train_student']
 
 # %% ../nbs/05_train.ipynb #c4c8e31a
 TINY_SPECIALS = dict(eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|startoftext|>")
@@ -450,6 +451,15 @@ def resume_point(ckpt_dir:Path, fingerprint:dict, resume:bool) -> Optional[str]:
     fp_file.write_text(json.dumps(fingerprint, indent=1))
     return None
 
+# %% ../nbs/05_train.ipynb #9c3f7a4a
+def spread_rows(ds,                      # a `datasets.Dataset` (or anything with `select` and `len`)
+                limit:Optional[int]=None): # how many rows to keep; None or at least `len(ds)`: all of them
+    "`limit` rows of `ds` spread evenly over it, first and last included (all of `ds` when it has no more)."
+    if limit is None or limit >= len(ds): return ds
+    if limit < 1: raise ValueError(f"spread_rows: limit={limit} must be at least 1")
+    n = len(ds) - 1
+    return ds.select(sorted({round(k*n/max(limit - 1, 1)) for k in range(limit)}))
+
 # %% ../nbs/05_train.ipynb #a62ca0d5
 def _default_path(cfg:DistillConfig, split:str) -> Optional[Path]:
     "The cleaned labels of the run's first teacher for `split`."
@@ -529,7 +539,8 @@ def train_student(cfg:DistillConfig=None,      # run settings; None means Distil
     progress = ProgressCallback(out/'progress.png', compute_text_metrics,
                                 [val_ds[i] for i in range(min(metrics_limit, len(val_ds)))] if val_ds is not None else None)
     loss_kw = {} if trainer_cls is not None else dict(compute_loss_func=answer_only_loss)   # a method's own Trainer has its loss
-    trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=coll,
+    loss_val = spread_rows(val_ds, cfg.val_loss_limit) if val_ds is not None else None   # the validation-loss set (a few of a long one)
+    trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=loss_val, data_collator=coll,
                                        processing_class=tokenizer, callbacks=[_progress_hooks()(progress)],
                                        **loss_kw, **(trainer_kwargs or {}))
     t0 = time.time()

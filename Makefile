@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= quickstart
 # the pretrained tiny student (its preset: LoRA r32/alpha 64, lr 3e-3, batch 8; 1.5 epochs here) on full 30-day prompts with the
-# seed's MA5/MA10/MACD as a block before the bars (--context indicators); 48 windows a stock: 388 validation windows
+# seed's MA5/MA10/MACD as a block before the bars (--context indicators); 48 windows a stock: 388 validation windows,
+# of which 128 (spread over 2024) give the validation loss during training (--val-loss-limit; all 388 are answered and scored)
 RUN_FLAGS ?= --context indicators --windows 48 --epochs 1.5 --val-loss-limit 128 --max-new-tokens 160 --gen-batch-size 66 --overwrite
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
